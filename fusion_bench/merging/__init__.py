@@ -1,0 +1,1 @@
+"""Pure tensor math for merging, no I/O: every function is tested against a dense oracle."""

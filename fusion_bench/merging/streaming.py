@@ -1,0 +1,80 @@
+"""Walk the aligned tensors of several models key by key, and each key in cache-sized chunks.
+
+For each key, every model's tensor is fetched (lazy state dicts map it from disk, zero-copy) and
+dropped after the key. Within a key, the math runs on one [n_models, width] chunk at a time: a
+chain of elementwise ops over a chunk that fits in cache runs several times faster than the same
+chain over whole tensors, which is bound by memory bandwidth.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fusion_bench.errors import InputError
+
+CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
+
+StateDict = Mapping[str, Tensor]
+
+
+def progress(keys: Sequence[str], desc: str) -> Iterator[str]:
+    """A progress bar over keys (TQDM_DISABLE=1 silences it)."""
+    return tqdm(keys, desc=desc, leave=False, unit="tensor")
+
+
+def aligned_chunks(
+    models: Mapping[str, StateDict], key: str, *, task_vectors: bool, check_finite: bool
+) -> Iterator[tuple[slice, Tensor]]:
+    """Yield (positions, stack): stack[i] is model i's `key`, flattened, float32, at positions.
+
+    task_vectors: rows after the first are θ_t − θ₀, the first model being θ₀.
+    check_finite: raise InputError, naming the model, on NaN or Inf.
+    The stack is a reused buffer: use it (it may be modified) before asking for the next chunk.
+    """
+    names = list(models)
+    sources = [models[name][key].reshape(-1) for name in names]
+    numel = sources[0].numel()
+    width = max(1, min(numel, CHUNK_ELEMENTS // len(sources)))
+    buffer = torch.empty(len(sources), width)
+    direct = task_vectors and all(source.dtype == torch.float32 for source in sources)
+    for start in range(0, numel, width):
+        positions = slice(start, min(start + width, numel))
+        stack = buffer[:, : positions.stop - start]
+        if direct:  # subtract straight from the sources, skipping a copy
+            stack[0].copy_(sources[0][positions])
+            for row in range(1, len(sources)):
+                torch.sub(sources[row][positions], sources[0][positions], out=stack[row])
+        else:
+            for row, source in enumerate(sources):
+                stack[row].copy_(source[positions])
+            if task_vectors:
+                stack[1:].sub_(stack[0])
+        # A float32 sum is NaN or inf whenever an element is, and costs little; only then look
+        # closer at the sources (a sum, or a difference, of large finite values may overflow).
+        if check_finite and not torch.isfinite(stack.sum()):
+            _raise_if_not_finite(sources, names, positions, key)
+        yield positions, stack
+
+
+def _raise_if_not_finite(sources: Sequence[Tensor], names: Sequence[str], positions: slice, key: str) -> None:
+    for source, name in zip(sources, names):
+        if not torch.isfinite(source[positions]).all():
+            raise InputError(f"model {name!r} has NaN or Inf values in {key!r}; fix or drop that checkpoint")
+
+
+class FlatOutput:
+    """The flat view of an output tensor that results are written into (a copy if not contiguous,
+    written back by finish())."""
+
+    def __init__(self, target: Tensor):
+        self.target = target
+        self.flat = target.view(-1) if target.is_contiguous() else target.flatten()
+
+    def __setitem__(self, positions: slice | Tensor, values: Tensor) -> None:
+        self.flat[positions] = values
+
+    def finish(self) -> None:
+        if not self.target.is_contiguous():
+            self.target.copy_(self.flat.view_as(self.target))

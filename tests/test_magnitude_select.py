@@ -1,0 +1,57 @@
+"""The streaming k-th largest magnitude equals a sort, bit for bit, whichever way it finishes."""
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fusion_bench.merging.magnitude_select import MagnitudeSelector
+
+
+def select(values: torch.Tensor, k: int, chunk: int, resolve: bool) -> torch.Tensor:
+    rows, numel = values.shape
+    selector = MagnitudeSelector(rows, numel, k)
+    while not selector.done:
+        for start in range(0, numel, chunk):
+            selector.update(values[:, start : start + chunk])
+        selector.end_pass()
+        if resolve and not selector.done:  # finish from the bucket members, as the TIES merge does
+            low, high = selector.bucket_bounds
+            magnitudes = values.abs()
+            selector.resolve([m[(m >= lo) & (m < hi) & (m > 0)] for m, lo, hi in zip(magnitudes, low, high)])
+    return selector.values
+
+
+def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    numel = values.shape[1]
+    return values.abs().kthvalue(numel - k + 1, dim=1).values if k < numel else torch.zeros(values.shape[0])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    numel=st.integers(1, 2000),
+    kind=st.sampled_from(["normal", "integers", "tiny", "huge", "sparse"]),
+    k_fraction=st.floats(0, 1),
+    chunk_fraction=st.floats(0.01, 1),
+    resolve=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_equals_sort(rows, numel, kind, k_fraction, chunk_fraction, resolve, seed):
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randn(rows, numel, generator=generator)
+    if kind == "integers":  # many ties
+        values = torch.randint(-3, 4, (rows, numel), generator=generator).float()
+    elif kind == "tiny":  # subnormals
+        values = values * 1e-40
+    elif kind == "huge":
+        values = values * 1e37
+    elif kind == "sparse":  # mostly exact zeros, so the cut can be 0
+        values = values * (torch.rand(rows, numel, generator=generator) < 0.1)
+    k = max(1, round(k_fraction * numel))
+    chunk = max(1, round(chunk_fraction * numel))
+    assert torch.equal(select(values, k, chunk, resolve), kth_largest(values, k))
+
+
+def test_k_at_least_numel_needs_no_pass():
+    selector = MagnitudeSelector(rows=2, numel=5, k=5)
+    assert selector.done and torch.equal(selector.values, torch.zeros(2))

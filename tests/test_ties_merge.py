@@ -1,0 +1,167 @@
+"""Streaming TIES against the dense oracle of the paper's equations, and its properties."""
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fusion_bench.merging.streaming as streaming
+import fusion_bench.merging.ties as ties_module
+from fusion_bench.errors import InputError
+from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
+from fusion_bench.merging.ties import ties_merge
+from tests import oracles
+
+SHAPES = {"w": (13, 7), "b": (13,), "conv": (3, 4, 2), "untouched": (5,)}
+
+
+def make_pool(seed: int, n_tasks: int = 4, kind: str = "normal"):
+    """normal: Gaussian task vectors; ties: weights and task vectors are small multiples of 1/8,
+    exact in float32, so many |τ| tie at the cut and many columns sum to exactly zero.
+    "untouched" is the same in every model."""
+    generator = torch.Generator().manual_seed(seed)
+    if kind == "normal":
+        pretrained = {key: torch.randn(shape, generator=generator) for key, shape in SHAPES.items()}
+    else:
+        pretrained = {key: torch.randint(-8, 9, shape, generator=generator).float() / 8 for key, shape in SHAPES.items()}
+    finetuned = []
+    for _ in range(n_tasks):
+        model = {}
+        for key, value in pretrained.items():
+            if key == "untouched":
+                model[key] = value.clone()
+            elif kind == "normal":
+                model[key] = value + 0.1 * torch.randn(value.shape, generator=generator)
+            else:
+                model[key] = value + torch.randint(-2, 3, value.shape, generator=generator).float() / 8
+        finetuned.append(model)
+    return pretrained, finetuned
+
+
+def run_ties(pretrained, finetuned, **params):
+    out = {key: torch.empty_like(value) for key, value in pretrained.items()}
+    ties_merge(pretrained, {f"task{i}": m for i, m in enumerate(finetuned)}, out, list(SHAPES), **params)
+    return out
+
+
+def assert_close(actual, expected, tolerance=1e-6):
+    for key in expected:
+        assert (actual[key] - expected[key]).abs().max().item() <= tolerance, key
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+@pytest.mark.parametrize("trim_scope", ["global", "tensor"])
+@pytest.mark.parametrize("threshold", [0.001, 0.3, 1, 5, 20, 64.5, 99.9, 100])
+def test_equals_dense_oracle(kind, merge_func, trim_scope, threshold):
+    pretrained, finetuned = make_pool(seed=hash((kind, threshold)) % 1000, kind=kind)
+    params = dict(scaling_factor=0.7, threshold=threshold, merge_func=merge_func, trim_scope=trim_scope)
+    assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 10, 64])
+@pytest.mark.parametrize("deferred_fraction", [0.25, 0.0])  # 0.0 forces the second histogram pass
+def test_chunking_and_budget_fallback_change_nothing(monkeypatch, chunk_elements, deferred_fraction):
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", deferred_fraction)
+    for kind, merge_func in itertools.product(["normal", "ties"], ["sum", "mean", "max"]):
+        pretrained, finetuned = make_pool(seed=3, kind=kind)
+        params = dict(scaling_factor=0.5, threshold=20, merge_func=merge_func)
+        assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
+
+
+def test_zero_sum_column_takes_the_majority_sign():
+    """A column whose trimmed values cancel exactly gets the sign of Σγ over all parameters."""
+    pretrained = {"w": torch.zeros(4)}
+    finetuned = [{"w": torch.tensor([1.0, 2.0, 3.0, 0.5])}, {"w": torch.tensor([-1.0, 1.0, 1.0, -0.5])}]
+    out = {"w": torch.empty(4)}
+    ties_merge(pretrained, {"a": finetuned[0], "b": finetuned[1]}, out, ["w"], scaling_factor=1.0, threshold=100, merge_func="sum")
+    # γ = (0, +, +, 0); Σγ = 2 > 0, so columns 0 and 3 keep their positive entries
+    assert out["w"].tolist() == [1.0, 3.0, 4.0, 0.5]
+
+
+def test_no_majority_sign_leaves_undecided_columns_at_pretrained():
+    """If Σγ is exactly 0 no sign is elected there, so nothing agrees and θ stays θ₀ (the
+    reference would then keep the negative entries; docs/methods/ties_merging.md)."""
+    pretrained = {"w": torch.ones(3)}
+    finetuned = [{"w": torch.tensor([2.0, 3.0, 0.0])}, {"w": torch.tensor([0.0, 1.0, 1.0])}]
+    out = {"w": torch.empty(3)}
+    ties_merge(pretrained, {"a": finetuned[0], "b": finetuned[1]}, out, ["w"], scaling_factor=1.0, threshold=100, merge_func="sum")
+    # τ = (1, 2, -1) and (-1, 0, 0): γ = (0, +, -), Σγ = 0
+    assert out["w"].tolist() == [1.0, 3.0, 0.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), scaling_factor=st.floats(-2, 2))
+def test_one_task_keep_all_mean_is_task_arithmetic(seed, scaling_factor):
+    pretrained, finetuned = make_pool(seed, n_tasks=1)
+    out = run_ties(pretrained, finetuned, scaling_factor=scaling_factor, threshold=100, merge_func="mean")
+    expected = {key: torch.empty_like(value) for key, value in pretrained.items()}
+    task_arithmetic_merge(pretrained, {"task0": finetuned[0]}, expected, list(SHAPES), scaling_factor=scaling_factor)
+    assert_close(out, expected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    permutation=st.permutations(range(4)),
+    threshold=st.sampled_from([1, 20, 50, 100]),
+    merge_func=st.sampled_from(["sum", "mean", "max"]),
+    trim_scope=st.sampled_from(["global", "tensor"]),
+)
+def test_task_order_does_not_matter(seed, permutation, threshold, merge_func, trim_scope):
+    pretrained, finetuned = make_pool(seed)
+    params = dict(scaling_factor=0.4, threshold=threshold, merge_func=merge_func, trim_scope=trim_scope)
+    assert_close(run_ties(pretrained, [finetuned[i] for i in permutation], **params), run_ties(pretrained, finetuned, **params))
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), threshold=st.floats(1.01, 50))
+def test_higher_threshold_keeps_at_least_as_many_entries(seed, threshold):
+    """With one task, the merged task vector is the trimmed one: its support grows with threshold
+    (among percentages: 1 itself is the fraction 1, everything, as in FusionBench)."""
+    pretrained, finetuned = make_pool(seed, n_tasks=1)
+    low = run_ties(pretrained, finetuned, scaling_factor=1.0, threshold=threshold)
+    high = run_ties(pretrained, finetuned, scaling_factor=1.0, threshold=min(100, threshold * 2))
+    support = lambda out: sum(int((out[k] != pretrained[k]).sum()) for k in SHAPES)  # noqa: E731
+    assert support(low) <= support(high)
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (dict(threshold=0), "threshold=0 is out of range"),
+        (dict(threshold=101), "threshold=101 is out of range"),
+        (dict(threshold=20, merge_func="median"), "merge_func='median' is unknown"),
+        (dict(threshold=20, trim_scope="layer"), "trim_scope='layer' is unknown"),
+    ],
+)
+def test_bad_hyperparameters_are_named(params, message):
+    pretrained, finetuned = make_pool(0)
+    with pytest.raises(InputError, match=message):
+        run_ties(pretrained, finetuned, scaling_factor=0.3, **params)
+
+
+def test_nan_names_the_model_and_key():
+    pretrained, finetuned = make_pool(0)
+    finetuned[2]["conv"][1, 2, 0] = float("nan")
+    for threshold in (20, 100):
+        with pytest.raises(InputError, match=r"model 'task2' has NaN or Inf values in 'conv'"):
+            run_ties(pretrained, finetuned, scaling_factor=0.3, threshold=threshold)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    pretrained, finetuned = make_pool(0)
+    for model in finetuned:
+        model["w"] = model["w"] * 1e37  # float32 sums of these overflow, the values are finite
+    out = run_ties(pretrained, finetuned, scaling_factor=0.3, threshold=20)
+    assert all(torch.isfinite(value).all() for value in out.values())
+
+
+def test_ties_pools_have_exact_ties_and_zero_sums():
+    pretrained, finetuned = make_pool(0, kind="ties")
+    tau = torch.stack([m["w"] - pretrained["w"] for m in finetuned])
+    assert (tau.abs() == 0.25).sum() > 5  # one multiple of 1/8, many times over
+    assert ((tau.sum(dim=0) == 0) & (tau != 0).any(dim=0)).any()  # columns that cancel exactly
