@@ -1,0 +1,82 @@
+"""What every merging method shares: the interface, and checking a pool before any work."""
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fusion_bench.errors import InputError
+from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
+from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
+
+
+class BaseAlgorithm:
+    """A merging method. Its config keys are its constructor's arguments; `run` merges a pool."""
+
+    def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
+        raise NotImplementedError
+
+
+@dataclass
+class MergeInputs:
+    """The state dicts a method streams over, checked against each other."""
+
+    pretrained: LazyStateDict | None
+    finetuned: dict[str, LazyStateDict]
+    keys: list[str]  # the entries to merge: floating point and not in remove_keys
+
+
+def merge_inputs(pool: BaseModelPool, *, method: str, need_pretrained: bool, remove_keys: Sequence[str] = ()) -> MergeInputs:
+    """The pool's state dicts, after checking that every task model matches the reference model
+    (`_pretrained_`, else the first task model) key for key and shape for shape."""
+    if not pool.model_names:
+        raise InputError(f"{method} needs at least one task model in the pool, besides {PRETRAINED}")
+    if need_pretrained and not pool.has_pretrained:
+        raise InputError(f"{method} needs the base model: add `{PRETRAINED}: <model>` under the pool's `models`")
+    reference_name = PRETRAINED if need_pretrained else pool.model_names[0]
+    reference = pool.state_dict(reference_name)
+    finetuned = {name: pool.state_dict(name) for name in pool.model_names}
+    for name, state_dict in finetuned.items():
+        _check_matches(name, state_dict, reference_name, reference)
+    for key in remove_keys:
+        if key not in reference:
+            raise InputError(f"remove_keys names {key!r}, which is not a key of model {reference_name!r}")
+    keys = [key for key in reference if key not in remove_keys and reference.dtype(key).is_floating_point]
+    return MergeInputs(reference if need_pretrained else None, finetuned, keys)
+
+
+def _check_matches(name: str, state_dict: LazyStateDict, reference_name: str, reference: LazyStateDict) -> None:
+    for key in reference:
+        if key not in state_dict:
+            raise InputError(f"model {name!r} lacks {key!r}, which model {reference_name!r} has; are they the same architecture?")
+        if state_dict.shape(key) != reference.shape(key):
+            raise InputError(
+                f"model {name!r} has {key!r} of shape {tuple(state_dict.shape(key))}, model {reference_name!r} "
+                f"of shape {tuple(reference.shape(key))}; are they the same architecture?"
+            )
+    for key in state_dict:
+        if key not in reference:
+            raise InputError(f"model {name!r} has {key!r}, which model {reference_name!r} lacks; are they the same architecture?")
+
+
+def output_model(pool: BaseModelPool, name: str, keys: Sequence[str]) -> nn.Module:
+    """A copy of model `name` to write the merge into, with fresh memory for the merged tensors.
+
+    transformers maps checkpoint files into memory, so writing into a loaded model first copies
+    each page from the file; fresh memory skips that copy (and the merge overwrites it all anyway).
+    """
+    model = pool.load_model_copy(name)
+    for key in keys:
+        module_name, _, attribute = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        tensor = getattr(module, attribute)
+        tensor.data = torch.empty_like(tensor.data)
+    return model
+
+
+def check_scaling_factor(scaling_factor: float) -> float:
+    if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or not math.isfinite(scaling_factor):
+        raise InputError(f"scaling_factor={scaling_factor!r} must be a finite number, e.g. scaling_factor=0.3")
+    return float(scaling_factor)

@@ -1,0 +1,56 @@
+"""TIES-merging (Yadav et al., NeurIPS 2023); the math is fusion_bench.merging.ties."""
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fusion_bench.errors import InputError
+from fusion_bench.merging.disjoint_merge import check_merge_func
+from fusion_bench.merging.ties import check_trim_scope, ties_merge
+from fusion_bench.merging.trim import keep_fraction
+from fusion_bench.method.base import BaseAlgorithm, check_scaling_factor, merge_inputs, output_model
+from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
+
+
+class TiesMergingAlgorithm(BaseAlgorithm):
+    """Trim each task vector to its top `threshold`% by magnitude, elect a sign per parameter,
+    merge the agreeing values with `merge_func`, and return θ₀ + scaling_factor·τ_m.
+
+    trim_scope: "global" cuts over each whole task vector (the paper, FusionBench), "tensor"
+    within each tensor (mergekit, peft). remove_keys keep their pretrained values.
+    """
+
+    def __init__(
+        self,
+        scaling_factor: float = 0.3,
+        threshold: float = 20,
+        remove_keys: Sequence[str] = (),
+        merge_func: str = "sum",
+        trim_scope: str = "global",
+    ):
+        self.scaling_factor = check_scaling_factor(scaling_factor)
+        keep_fraction(threshold)
+        self.threshold = threshold
+        if isinstance(remove_keys, str):
+            raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
+        self.remove_keys = list(remove_keys)
+        self.merge_func = check_merge_func(merge_func)
+        self.trim_scope = check_trim_scope(trim_scope)
+
+    @torch.no_grad()
+    def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
+        pool = as_modelpool(modelpool)
+        inputs = merge_inputs(pool, method="ties_merging", need_pretrained=True, remove_keys=self.remove_keys)
+        merged = output_model(pool, PRETRAINED, inputs.keys)
+        ties_merge(
+            inputs.pretrained,
+            inputs.finetuned,
+            merged.state_dict(),
+            inputs.keys,
+            scaling_factor=self.scaling_factor,
+            threshold=self.threshold,
+            merge_func=self.merge_func,
+            trim_scope=self.trim_scope,
+        )
+        return merged

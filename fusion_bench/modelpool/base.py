@@ -1,0 +1,105 @@
+"""The model pool: named models, where `_pretrained_` is the base model and the others are tasks."""
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from fusion_bench.errors import InputError
+from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, ModuleStateDict
+
+PRETRAINED = "_pretrained_"
+
+
+def is_special_name(name: str) -> bool:
+    """`_pretrained_`-style names are roles, not tasks."""
+    return name.startswith("_") and name.endswith("_")
+
+
+class BaseModelPool:
+    """Models by name, loaded only when asked for.
+
+    `models` maps names to nn.Module instances or to configs with a `_target_` (instantiated on
+    demand), as in FusionBench. Subclasses add paths and hub ids (AutoModelPool and its kin) and
+    override `state_dict` to read checkpoints lazily.
+    """
+
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        *,
+        train_datasets: Mapping[str, Any] | None = None,
+        val_datasets: Mapping[str, Any] | None = None,
+        test_datasets: Mapping[str, Any] | None = None,
+    ):
+        if not models:
+            raise InputError("the model pool has no models; list them under `models:`")
+        self._models = dict(models.items())
+        self._train_datasets = train_datasets
+        self._val_datasets = val_datasets
+        self._test_datasets = test_datasets
+
+    @property
+    def all_model_names(self) -> list[str]:
+        return list(self._models)
+
+    @property
+    def model_names(self) -> list[str]:
+        """The task models (every name but the special ones such as `_pretrained_`)."""
+        return [name for name in self._models if not is_special_name(name)]
+
+    @property
+    def has_pretrained(self) -> bool:
+        return PRETRAINED in self._models
+
+    def __len__(self) -> int:
+        return len(self.model_names)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._models
+
+    def model_spec(self, name: str) -> Any:
+        """What the pool was given for `name` (a module, a config, a path)."""
+        if name not in self._models:
+            raise InputError(f"model {name!r} is not in the pool; it has {', '.join(self._models)}")
+        spec = self._models[name]
+        return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+
+    def load_model(self, name: str) -> nn.Module:
+        """The model called `name`; an instance the pool was given is returned as it is."""
+        spec = self.model_spec(name)
+        if isinstance(spec, nn.Module):
+            return spec
+        if isinstance(spec, Mapping) and "_target_" in spec:
+            return instantiate(spec)
+        return self.load_model_from_spec(name, spec)
+
+    def load_model_from_spec(self, name: str, spec: Any) -> nn.Module:
+        raise InputError(
+            f"model {name!r} is given as {spec!r}, which {type(self).__name__} cannot load; give a "
+            "config with `_target_`, or use a pool that loads paths (e.g. fusion_bench.modelpool.AutoModelPool)"
+        )
+
+    def load_model_copy(self, name: str) -> nn.Module:
+        """A model the caller may overwrite: instances are deep-copied, others loaded afresh."""
+        model = self.load_model(name)
+        return copy.deepcopy(model) if model is self._models.get(name) else model
+
+    def state_dict(self, name: str) -> LazyStateDict:
+        """The model's tensors by name; file-backed pools read them one at a time."""
+        return ModuleStateDict(self.load_model(name))
+
+    def load_pretrained_or_first_model(self) -> nn.Module:
+        return self.load_model(PRETRAINED if self.has_pretrained else self.model_names[0])
+
+
+def as_modelpool(pool: "BaseModelPool | Mapping[str, nn.Module]") -> BaseModelPool:
+    """Methods accept a pool or, as in FusionBench, a plain dict of modules."""
+    if isinstance(pool, BaseModelPool):
+        return pool
+    if isinstance(pool, Mapping):
+        return BaseModelPool(pool)
+    raise InputError(f"expected a model pool or a dict of models, got {type(pool).__name__}")
