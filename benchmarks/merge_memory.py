@@ -1,0 +1,141 @@
+"""Time and peak memory of merging 8 ViT-B/32 vision towers, beside the reference FusionBench.
+
+    python benchmarks/merge_memory.py [--methods ties_merging ...] [--no-reference]
+
+Writes 9 random CLIPVisionModel checkpoints of ViT-B/32 size once (cached under
+$FUSION_BENCH_CACHE or ~/.cache/fusion_bench), in the transformers 4.x layout of the hub models so
+the reference (which needs transformers<5) reads the same files. Each measurement is a fresh
+process, timed whole (imports included); peak RSS is the child's ru_maxrss. The reference runs in
+its own venv, made by ../shared/tools/reference-venv.sh, with the merged weights saved so the
+table can show the largest difference from ours.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+N_TASKS = 8
+METHODS = ("simple_average", "task_arithmetic", "ties_merging")
+REFERENCE_CLASSES = {
+    "simple_average": "SimpleAverageAlgorithm()",
+    "task_arithmetic": "TaskArithmeticAlgorithm(scaling_factor=0.3)",
+    "ties_merging": "TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func='sum')",
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSION_BENCH_CACHE", Path.home() / ".cache" / "fusion_bench")) / "benchmarks"
+
+
+def write_pool(root: Path) -> dict[str, Path]:
+    """The pretrained tower and 8 'fine-tuned' ones (pretrained + small Gaussian task vectors)."""
+    names = ["_pretrained_"] + [f"task{i}" for i in range(N_TASKS)]
+    folders = {name: root / name for name in names}
+    if all((folder / "model.safetensors").exists() for folder in folders.values()):
+        return folders
+    import torch
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig()  # the defaults are ViT-B/32
+    torch.manual_seed(0)
+    pretrained = {f"vision_model.{k}": v.contiguous() for k, v in CLIPVisionModel(config).state_dict().items()}
+    for i, (name, folder) in enumerate(folders.items()):
+        folder.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(folder)
+        generator = torch.Generator().manual_seed(i)
+        weights = pretrained if i == 0 else {k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
+        save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folders
+
+
+def measure(command: list[str], env: dict | None = None) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GiB) of one fresh process (os.wait4 reports that child alone)."""
+    with tempfile.TemporaryFile("w+") as output:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if status != 0:
+            output.seek(0)
+            raise RuntimeError(f"{' '.join(command)} failed:\n{output.read()[-5000:]}")
+    return seconds, usage.ru_maxrss / 2**20
+
+
+def ours(method: str, folders: dict[str, Path], workdir: Path, save_to: Path | None = None) -> tuple[float, float]:
+    config_dir = workdir / "config"
+    (config_dir / "modelpool").mkdir(parents=True, exist_ok=True)
+    models = "\n".join(f"  {name}: {folder}" for name, folder in folders.items())
+    (config_dir / "modelpool" / "bench_vit_b32.yaml").write_text(
+        f"_target_: fusion_bench.modelpool.AutoModelPool\nmodel_class: transformers.CLIPVisionModel\nmodels:\n{models}\n"
+    )
+    command = [sys.executable, "-m", "fusion_bench.cli", "--config-dir", str(config_dir), "modelpool=bench_vit_b32",
+               f"method={method}", "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}"]
+    if save_to:
+        command.append(f"merged_model_save_path={save_to}")
+    return measure(command, env={"TQDM_DISABLE": "1"})
+
+
+def reference(python: str, method: str, folders: dict[str, Path], save_to: Path) -> tuple[float, float]:
+    script = textwrap.dedent(f"""
+        import json, torch
+        from safetensors.torch import save_file
+        from transformers import CLIPVisionModel
+        from fusion_bench.method import {REFERENCE_CLASSES[method].split("(")[0]}
+        from fusion_bench.modelpool import BaseModelPool
+        folders = json.loads({json.dumps(json.dumps({k: str(v) for k, v in folders.items()}))})
+        pool = BaseModelPool({{name: {{"_target_": "transformers.CLIPVisionModel.from_pretrained",
+                                     "pretrained_model_name_or_path": folder}} for name, folder in folders.items()}})
+        merged = {REFERENCE_CLASSES[method]}.run(pool)
+        save_file({{k: v.contiguous() for k, v in merged.state_dict().items()}}, {str(save_to)!r})
+    """)
+    return measure([python, "-c", script])
+
+
+def max_difference(ours_folder: Path, reference_file: Path) -> float:
+    import torch
+    from safetensors.torch import load_file
+
+    ours_weights = {k.removeprefix("vision_model."): v for k, v in load_file(str(ours_folder / "model.safetensors")).items()}
+    theirs = {k.removeprefix("vision_model."): v for k, v in load_file(str(reference_file)).items()}
+    return max((ours_weights[k].float() - theirs[k].float()).abs().max().item() for k in ours_weights)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
+    args = parser.parse_args()
+    folders = write_pool(cache_dir() / "clip-vit-base-patch32-random")
+    python = None
+    if not args.no_reference:
+        python = subprocess.run([str(REPO.parent / "shared" / "tools" / "reference-venv.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for method in args.methods:
+            seconds, rss = ours(method, folders, tmp / method)
+            row = {"method": method, "ours_s": seconds, "ours_rss": rss}
+            if python:
+                ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")
+                row["ref_s"], row["ref_rss"] = reference(python, method, folders, tmp / f"{method}-ref.safetensors")
+                row["max_diff"] = max_difference(tmp / f"{method}-merged", tmp / f"{method}-ref.safetensors")
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores\n")
+    print("| method | fusion_bench time | fusion_bench peak RSS | reference time | reference peak RSS | max abs difference |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ref = f"{r['ref_s']:.1f} s | {r['ref_rss']:.2f} GiB | {r['max_diff']:.1e}" if "ref_s" in r else "– | – | –"
+        print(f"| {r['method']} | {r['ours_s']:.1f} s | {r['ours_rss']:.2f} GiB | {ref} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hydra configs of fusion_bench, shipped in the wheel (found as pkg://fusion_bench_config)."""
