@@ -25,7 +25,7 @@ def workdir(tmp_path, bert_pool_dir):
 
 
 def base_args(workdir, *overrides):
-    return ["--config-dir", str(workdir / "config"), "modelpool=tiny_bert", f"hydra.run.dir={workdir / 'run'}", *overrides]
+    return ["--config-dir", str(workdir / "config"), "modelpool=tiny_bert", "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}", *overrides]
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -67,7 +67,7 @@ def test_multirun_writes_one_report_per_run(workdir):
 
 
 def test_help_and_cfg(workdir):
-    help_text = run_cli("--help", *base_args(workdir), cwd=workdir).stdout
+    help_text = run_cli("--help", cwd=workdir).stdout
     for group in ("method", "modelpool", "taskpool", "fabric"):
         assert f"{group}:" in help_text
     assert "ties_merging" in help_text and "task_arithmetic" in help_text and "simple_average" in help_text
@@ -96,5 +96,5 @@ def test_missing_model_path_is_named(workdir, tmp_path):
     (workdir / "config" / "modelpool" / "broken.yaml").write_text(
         f"_target_: fusion_bench.modelpool.AutoModelPool\nmodels:\n  _pretrained_: {tmp_path / 'nope'}\n  a: {tmp_path / 'nope'}\n"
     )
-    result = run_cli("--config-dir", str(workdir / "config"), "modelpool=broken", f"hydra.run.dir={workdir / 'run'}", cwd=workdir, check=False)
+    result = run_cli("--config-dir", str(workdir / "config"), "modelpool=broken", "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}", cwd=workdir, check=False)
     assert result.returncode == 2 and "does not exist; check the path" in result.stderr

