@@ -31,7 +31,7 @@ def trim_mask(task_vectors, threshold):
     return task_vectors.abs() >= cut
 
 
-def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, trim_scope="global"):
+def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, trim_scope="global", elect=True):
     theta0 = _flatten(pretrained, keys)
     tau = torch.stack([_flatten(model, keys) for model in finetuned]) - theta0
     if trim_scope == "global":
@@ -40,6 +40,14 @@ def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, 
         sizes = [pretrained[key].numel() for key in keys]
         mask = torch.cat([trim_mask(part, threshold) for part in tau.split(sizes, dim=1)], dim=1)
     trimmed = tau * mask
+    if not elect:  # every kept entry counts, whatever its sign
+        if merge_func == "sum":
+            merged = trimmed.sum(dim=0)
+        elif merge_func == "mean":
+            merged = trimmed.sum(dim=0) / (trimmed != 0).sum(dim=0).clamp(min=1)
+        else:
+            merged = trimmed.gather(0, trimmed.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+        return _split(theta0 + scaling_factor * merged, pretrained, keys)
     sign = torch.sign(trimmed.sum(dim=0))
     sign[sign == 0] = torch.sign(sign.sum())
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0) & (sign != 0)

@@ -61,6 +61,14 @@ def test_equals_dense_oracle(kind, merge_func, trim_scope, threshold):
     assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
 
 
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+@pytest.mark.parametrize("threshold", [5, 20, 100])
+def test_without_election_equals_the_oracle(merge_func, threshold):
+    pretrained, finetuned = make_pool(seed=7)
+    params = dict(scaling_factor=0.5, threshold=threshold, merge_func=merge_func, elect=False)
+    assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
+
+
 @pytest.mark.parametrize("chunk_elements", [1, 10, 64])
 @pytest.mark.parametrize("deferred_fraction", [0.25, 0.0])  # 0.0 forces the second histogram pass
 def test_chunking_and_budget_fallback_change_nothing(monkeypatch, chunk_elements, deferred_fraction):

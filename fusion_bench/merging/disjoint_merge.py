@@ -28,3 +28,16 @@ def disjoint_merge(trimmed: Tensor, sign: Tensor, merge_func: str) -> Tensor:
         return agreeing.sum(dim=0) * sign / agreeing.sign().sum(dim=0).clamp_(min=1)
     check_merge_func(merge_func)
     return agreeing.amax(dim=0) * sign
+
+
+def merge_all(trimmed: Tensor, merge_func: str) -> Tensor:
+    """The ablation without sign election: combine every kept entry, whatever its sign.
+
+    sum: Σ_t τ̂_t;  mean: that sum / max(#nonzero, 1);  max: the entry of largest |τ̂|, signed.
+    """
+    if merge_func == "sum":
+        return trimmed.sum(dim=0)
+    if merge_func == "mean":
+        return trimmed.sum(dim=0) / trimmed.sign().abs().sum(dim=0).clamp_(min=1)
+    check_merge_func(merge_func)
+    return trimmed.gather(0, trimmed.abs().argmax(dim=0, keepdim=True)).squeeze(0)

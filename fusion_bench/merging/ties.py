@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import InputError
-from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge
+from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge, merge_all
 from fusion_bench.merging.elect import elect_sign, majority_sign
 from fusion_bench.merging.magnitude_select import MagnitudeSelector
 from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, progress
@@ -48,8 +48,12 @@ def ties_merge(
     threshold: float,
     merge_func: str = "sum",
     trim_scope: str = "global",
+    elect: bool = True,
 ) -> None:
-    """Write the TIES merge into out[key] for every key (other keys are left as they are)."""
+    """Write the TIES merge into out[key] for every key (other keys are left as they are).
+
+    elect=False is the paper's ablation without sign election (merge_all); threshold=100 is the
+    one without trimming."""
     keep_fraction(threshold)
     check_merge_func(merge_func)
     check_trim_scope(trim_scope)
@@ -57,7 +61,7 @@ def ties_merge(
     sizes = {key: out[key].numel() for key in keys}
     tasks = len(finetuned)
     if trim_scope == "tensor":
-        merger = _Merger(out, tasks, scaling_factor, merge_func)
+        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
         for key in progress(keys, "TIES merge"):
             selector = _select(models, {key: sizes[key]}, threshold, passes=2, show_progress=False)
             merger.merge_key(models, key, selector.values, check_finite=False)
@@ -66,20 +70,20 @@ def ties_merge(
 
     selector = _select(models, sizes, threshold, passes=1, show_progress=True)
     if selector.done:  # threshold 100: no cut, and nothing read yet
-        merger = _Merger(out, tasks, scaling_factor, merge_func)
+        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, selector.values, check_finite=True)
         merger.finish()
         return
     budget = DEFERRED_FRACTION * 4 * sum(sizes.values())
     low, high = selector.bucket_bounds
-    merger = _Merger(out, tasks, scaling_factor, merge_func, bucket_bounds=(low, high), budget=budget)
+    merger = _Merger(out, tasks, scaling_factor, merge_func, elect, bucket_bounds=(low, high), budget=budget)
     try:
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, high, check_finite=False)
     except _BudgetExceeded:
         _run_pass(models, sizes, selector, check_finite=False, desc="TIES trim, pass 2")
-        merger = _Merger(out, tasks, scaling_factor, merge_func)
+        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, selector.values, check_finite=False)
     else:
@@ -165,8 +169,8 @@ class _Merger:
     aside every column with an entry inside its task's bracket, to merge again with exact cuts.
     """
 
-    def __init__(self, out: StateDict, tasks: int, scaling_factor: float, merge_func: str, *, bucket_bounds=None, budget=0.0):
-        self.out, self.scaling_factor, self.merge_func = out, scaling_factor, merge_func
+    def __init__(self, out: StateDict, tasks: int, scaling_factor: float, merge_func: str, elect: bool, *, bucket_bounds=None, budget=0.0):
+        self.out, self.scaling_factor, self.merge_func, self.elect = out, scaling_factor, merge_func, elect
         self.bucket_bounds, self.budget = bucket_bounds, budget
         self.sign_total = 0
         self.undecided = _ColumnStore(tasks)  # trimmed sum exactly 0: need the majority sign
@@ -212,6 +216,8 @@ class _Merger:
     def _merge(self, key: str, index: Tensor, theta0: Tensor, trimmed: Tensor, exclude: Tensor | None = None) -> Tensor:
         """θ₀ + λ·τ_m for these columns (at flat positions `index`). Undecided columns are set
         aside; `exclude`d ones, to be merged again, count neither in Σγ nor as undecided."""
+        if not self.elect:
+            return theta0 + self.scaling_factor * merge_all(trimmed, self.merge_func)
         sign = elect_sign(trimmed)
         undecided = (sign == 0) & (trimmed.abs().amax(dim=0) > 0)
         counted = sign

@@ -18,7 +18,8 @@ class TiesMergingAlgorithm(BaseAlgorithm):
     merge the agreeing values with `merge_func`, and return θ₀ + scaling_factor·τ_m.
 
     trim_scope: "global" cuts over each whole task vector (the paper, FusionBench), "tensor"
-    within each tensor (mergekit, peft). remove_keys keep their pretrained values.
+    within each tensor (mergekit, peft). remove_keys keep their pretrained values. The paper's
+    ablations: threshold=100 is TIES without trimming, elect=False without sign election.
     """
 
     def __init__(
@@ -28,6 +29,7 @@ class TiesMergingAlgorithm(BaseAlgorithm):
         remove_keys: Sequence[str] = (),
         merge_func: str = "sum",
         trim_scope: str = "global",
+        elect: bool = True,
     ):
         self.scaling_factor = check_scaling_factor(scaling_factor)
         keep_fraction(threshold)
@@ -37,6 +39,9 @@ class TiesMergingAlgorithm(BaseAlgorithm):
         self.remove_keys = list(remove_keys)
         self.merge_func = check_merge_func(merge_func)
         self.trim_scope = check_trim_scope(trim_scope)
+        if not isinstance(elect, bool):
+            raise InputError(f"elect={elect!r} must be true or false")
+        self.elect = elect
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
@@ -52,5 +57,6 @@ class TiesMergingAlgorithm(BaseAlgorithm):
             threshold=self.threshold,
             merge_func=self.merge_func,
             trim_scope=self.trim_scope,
+            elect=self.elect,
         )
         return merged
