@@ -136,3 +136,19 @@ def test_the_finetune_program_lists_the_models(tmp_path):
                      "modelpool.finetune.batch_size=4", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     line = [line for line in result.stdout.splitlines() if line.startswith("debate_party")][0]
     assert (OfflineTextPool(["debate_party"], finetune={"steps": 2, "batch_size": 4}).checkpoint("debate_party")).as_posix() in line
+
+
+def test_a_lambda_sweep_makes_a_figure(tmp_path):
+    """A tiny λ sweep through Hydra's multirun, then its table and figure."""
+    sweep = tmp_path / "sweep"
+    run_cli("--multirun", *QUICK, "method=task_arithmetic", "method.scaling_factor=0.2,0.6", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    result = run_cli_report(str(sweep), "--figures", str(tmp_path / "figures"))
+    assert "Task Arithmetic, λ=0.2" in result and "Task Arithmetic, λ=0.6" in result
+    assert (tmp_path / "figures" / "lambda.png").stat().st_size > 1000
+
+
+def run_cli_report(*args: str) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "fusion_bench.report_cli", *args], capture_output=True, text=True, check=True).stdout

@@ -1,0 +1,169 @@
+"""Tables from many run reports: rows are methods with their hyper-parameters, columns the tasks
+and their average; Markdown, CSV or LaTeX.
+
+Runs of `method=dummy` are the baselines: without model_name the pretrained model ("zero-shot"),
+with model_name=t the fine-tuned model t scored on task t ("individual"; one report per task, one
+row together). Normalised accuracy divides each task's score by the individual model's.
+"""
+
+import csv
+import inspect
+import io
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hydra.utils import get_class
+
+from fusion_bench.errors import InputError
+from fusion_bench.report import read_report
+
+SHORT_NAMES = {
+    "TiesMergingAlgorithm": "TIES",
+    "TaskArithmeticAlgorithm": "Task Arithmetic",
+    "SimpleAverageAlgorithm": "Simple Average",
+}
+ZERO_SHOT, INDIVIDUAL = "Pretrained (zero-shot)", "Fine-tuned (individual)"
+
+
+@dataclass
+class Row:
+    """One method's scores: `group` names it without λ, so rows differing in λ share a group."""
+
+    group: str
+    scaling_factor: float | None
+    split: str
+    n_models: int
+    scores: dict[str, float] = field(default_factory=dict)
+    best: bool = False  # the best λ of its group (or the one chosen on validation)
+    chosen_on: str | None = None
+
+    @property
+    def label(self) -> str:
+        return self.group if self.scaling_factor is None else f"{self.group}, λ={self.scaling_factor:g}"
+
+    @property
+    def average(self) -> float:
+        return sum(self.scores.values()) / len(self.scores)
+
+
+def find_reports(paths: Iterable[str | Path]) -> list[dict]:
+    """Every report.json under the given directories (multirun sweeps included), or given files."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise InputError(f"{path} does not exist; point at a run or sweep directory")
+        files += sorted(path.rglob("report.json")) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"no report.json under {', '.join(map(str, paths))}; point at a run or sweep directory")
+    return [read_report(file) for file in files]
+
+
+def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", normalized: bool = False) -> list[Row]:
+    rows: dict[tuple, Row] = {}
+    individual: dict[str, Row] = {}
+    for report in reports:
+        method, split = report["config"]["method"], split_of(report)
+        n_models = sum(1 for name in report["models"] if not (name.startswith("_") and name.endswith("_")))
+        scores = {task: values[metric] for task, values in report["tasks"].items() if metric in values}
+        if method["_target_"].endswith("DummyAlgorithm") and method.get("model_name"):
+            row = individual.setdefault(split, Row(INDIVIDUAL, None, split, 1))
+            row.scores.update({task: score for task, score in scores.items() if task == method["model_name"]})
+            continue
+        group, scaling_factor = describe_method(method)
+        key = (group, scaling_factor, split, tuple(sorted(scores)))
+        if key in rows:  # the same setting on another subset of the same size: average its tasks
+            rows[key].scores.update(scores)
+        else:
+            rows[key] = Row(group, scaling_factor, split, n_models, scores)
+    result = list(individual.values()) + list(rows.values())
+    if normalized:
+        baselines = {split: dict(row.scores) for split, row in individual.items()}  # before they become 1s
+        for row in result:
+            baseline = baselines.get(row.split, {})
+            missing = [task for task in row.scores if task not in baseline]
+            if missing:
+                split = "" if row.split == "test" else f" taskpool.split={row.split}"
+                raise InputError(f"normalised scores need the individual model's {row.split} score on {missing[0]!r}; run method=dummy method.model_name={missing[0]}{split}")
+            row.scores = {task: score / baseline[task] for task, score in row.scores.items()}
+    return result
+
+
+def split_of(report: dict) -> str:
+    """The split a run was scored on (test for task pools without one)."""
+    return report["config"]["taskpool"].get("split", "test")
+
+
+def describe_method(method: dict) -> tuple[str, float | None]:
+    """(name with the hyper-parameters that differ from its defaults, λ) of a method config."""
+    class_name = method["_target_"].rsplit(".", 1)[-1]
+    if class_name == "DummyAlgorithm":
+        return ZERO_SHOT, None
+    try:
+        defaults = {name: p.default for name, p in inspect.signature(get_class(method["_target_"])).parameters.items()}
+    except Exception:  # a method not installed here: show every parameter
+        defaults = {}
+    changed = [f"{k}={_format(v)}" for k, v in method.items() if not k.startswith("_") and k != "scaling_factor" and _differs(v, defaults.get(k, inspect.Parameter.empty))]
+    name = SHORT_NAMES.get(class_name, class_name)
+    return (f"{name} ({', '.join(changed)})" if changed else name), method.get("scaling_factor")
+
+
+def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
+    """Mark each group's best λ by average. With select_on="validation", keep the test rows whose
+    λ was best on validation (the paper's protocol) and drop the rest."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.group, []).append(row)
+    kept = []
+    for group_rows in groups.values():
+        if select_on:
+            judged = [r for r in group_rows if r.split == select_on] or group_rows
+            winner = max(judged, key=lambda r: r.average)
+            chosen = [r for r in group_rows if r.split == "test" and r.scaling_factor == winner.scaling_factor]
+            for row in chosen:
+                row.best, row.chosen_on = True, winner.split
+            kept += chosen or [winner]
+        else:
+            test_rows = [r for r in group_rows if r.split == "test"] or group_rows
+            if len(test_rows) > 1:
+                max(test_rows, key=lambda r: r.average).best = True
+            kept += group_rows
+    return kept
+
+
+def render(rows: Sequence[Row], fmt: str = "markdown", *, percent: bool = True) -> str:
+    tasks = list(dict.fromkeys(task for row in rows for task in row.scores))
+    header = ["method", *tasks, "average"]
+
+    def cell(value: float | None) -> str:
+        return "" if value is None or math.isnan(value) else f"{100 * value:.1f}" if percent else f"{value:.3f}"
+
+    body = [[row.label + (" *" if row.best and fmt == "csv" else ""), *(cell(row.scores.get(t)) for t in tasks), cell(row.average)] for row in rows]
+    if fmt == "csv":
+        out = io.StringIO()
+        csv.writer(out).writerows([header, *body])
+        return out.getvalue()
+    if fmt == "markdown":
+        bold = [[f"**{c}**" if row.best and c else c for c in line] for row, line in zip(rows, body)]
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(line) + " |" for line in bold]
+        return "\n".join(lines) + "\n"
+    if fmt == "latex":
+        escape = lambda text: text.replace("_", r"\_").replace("λ", r"$\lambda$")  # noqa: E731
+        bold = [[rf"\textbf{{{escape(c)}}}" if row.best and c else escape(c) for c in line] for row, line in zip(rows, body)]
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule", " & ".join(map(escape, header)) + r" \\", r"\midrule"]
+        lines += [" & ".join(line) + r" \\" for line in bold] + [r"\bottomrule", r"\end{tabular}"]
+        return "\n".join(lines) + "\n"
+    raise InputError(f"format {fmt!r} is unknown; use markdown, csv or latex")
+
+
+def _differs(value, default) -> bool:
+    if default is inspect.Parameter.empty:
+        return True
+    if isinstance(default, tuple):
+        default = list(default)
+    return value != default
+
+
+def _format(value) -> str:
+    return "[" + ",".join(map(str, value)) + "]" if isinstance(value, list) else str(value)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The offline MiniLM benchmark's table and figures (docs/reproducing.md), on CPU, about an hour on
+# 2 cores: for each seed, the fine-tuned models (built once), the baselines, and λ sweeps of task
+# arithmetic and TIES on validation and test; then TIES ablations and the scaling with the number
+# of merged tasks (seed 0); then one table per seed (λ chosen on validation) and the figures.
+#   scripts/reproduce/offline_minilm.sh [output directory] [seeds...]
+set -euo pipefail
+out=${1:-outputs/reproduce/offline_minilm}
+shift || true
+seeds=${*:-0 1}
+fb=${FUSION_BENCH:-fusion_bench}
+lambdas=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0
+tasks=newsgroups,newsgroup_hierarchies,reuters8,reuters52,election_tweets,movie_review_sentiment,movie_plot_or_review,debate_party
+
+sweep() {  # sweep <directory> <overrides...>: one Hydra multirun, skipped if already complete
+  local dir=$1; shift
+  if [ -f "$dir/.done" ]; then return; fi
+  "$fb" --multirun "hydra.sweep.dir=$dir" "$@"
+  touch "$dir/.done"
+}
+
+for seed in $seeds; do
+  s="$out/seed$seed"
+  "$fb" --config-name finetune "modelpool.seed=$seed" "hydra.run.dir=$s/finetune"
+  common=("modelpool.seed=$seed")
+  sweep "$s/zero_shot" "${common[@]}" method=dummy
+  sweep "$s/individual" "${common[@]}" method=dummy "method.model_name=$tasks"
+  sweep "$s/simple_average" "${common[@]}" method=simple_average taskpool.split=validation,test
+  sweep "$s/task_arithmetic" "${common[@]}" method=task_arithmetic "method.scaling_factor=$lambdas" taskpool.split=validation,test
+  sweep "$s/ties_sum" "${common[@]}" method=ties_merging "method.scaling_factor=$lambdas" taskpool.split=validation,test
+  sweep "$s/ties_mean" "${common[@]}" method=ties_merging method.merge_func=mean "method.scaling_factor=0.5,0.75,1.0,1.25,1.5,1.75,2.0" taskpool.split=validation,test
+done
+
+s="$out/seed0"
+sweep "$s/ablations" method=ties_merging "method.scaling_factor=$lambdas" "method.threshold=20,100" "method.elect=true,false"
+subsets="choice([newsgroups,reuters8],[newsgroups,reuters8,election_tweets,debate_party],[newsgroups,reuters8,election_tweets,debate_party,movie_review_sentiment,reuters52])"
+sweep "$s/scaling_average" method=simple_average "modelpool.tasks=$subsets" 'taskpool.tasks=${modelpool.tasks}'
+sweep "$s/scaling" method=task_arithmetic,ties_merging "method.scaling_factor=0.3,0.5,0.7,1.0" "modelpool.tasks=$subsets" 'taskpool.tasks=${modelpool.tasks}'
+
+report=${FUSION_BENCH_REPORT:-fusion_bench_report}
+for seed in $seeds; do
+  s="$out/seed$seed"
+  "$report" "$s/zero_shot" "$s/individual" "$s/simple_average" "$s/task_arithmetic" "$s/ties_sum" "$s/ties_mean" --select-on validation --output "$out/table_seed$seed.md"
+  "$report" "$s/zero_shot" "$s/individual" "$s/simple_average" "$s/task_arithmetic" "$s/ties_sum" "$s/ties_mean" --output "$out/lambda_grid_seed$seed.md" --figures "$out/figures_seed$seed"
+done
+"$report" "$out/seed0/individual" "$out/seed0/ablations" --output "$out/ablations.md" --figures "$out/figures_ablations"
+"$report" "$out/seed0/individual" "$out/seed0/scaling_average" "$out/seed0/scaling" "$out/seed0/simple_average" "$out/seed0/task_arithmetic" "$out/seed0/ties_sum" --split test --normalized --output "$out/scaling.md" --figures "$out/figures_scaling"
+echo "tables and figures in $out"
