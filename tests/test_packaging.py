@@ -1,0 +1,20 @@
+"""The wheel carries the configs, so the CLI works from any directory once installed."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_ships_every_config(tmp_path):
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w", str(tmp_path), str(REPO)],
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("fusion_bench-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f"fusion_bench_config/{p.relative_to(REPO / 'config').as_posix()}" for p in (REPO / "config").rglob("*.yaml")}
+    assert "fusion_bench_config/fusion_bench.yaml" in configs and configs <= names
+    assert "fusion_bench/cli.py" in names and any(name.endswith("entry_points.txt") for name in names)
