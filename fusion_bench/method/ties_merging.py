@@ -19,6 +19,9 @@ class TiesMergingAlgorithm(BaseAlgorithm):
 
     trim_scope: "global" cuts over each whole task vector (the paper, FusionBench), "tensor"
     within each tensor (mergekit, peft). remove_keys keep their pretrained values.
+
+    The global statistics count every state-dict name, as FusionBench flattens a state dict: a
+    tensor tied under m names (T5's embeddings) counts m times, yet is merged once and stays tied.
     """
 
     def __init__(
@@ -52,5 +55,7 @@ class TiesMergingAlgorithm(BaseAlgorithm):
             threshold=self.threshold,
             merge_func=self.merge_func,
             trim_scope=self.trim_scope,
+            multiplicity=inputs.multiplicity,
+            zero_entries=inputs.untouched_entries(),
         )
         return merged
