@@ -3,5 +3,6 @@
 from fusion_bench.modelpool.base import BaseModelPool
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
+from fusion_bench.modelpool.seq2seq_lm import Seq2SeqLMPool
 
-__all__ = ["AutoModelPool", "BaseModelPool", "LazyStateDict"]
+__all__ = ["AutoModelPool", "BaseModelPool", "LazyStateDict", "Seq2SeqLMPool"]
