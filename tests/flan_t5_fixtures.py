@@ -101,7 +101,8 @@ def write_t5_pool(root: Path) -> Path:
 
 
 def glue_rows(task: str, count: int, seed: int) -> list[dict]:
-    """GLUE-shaped examples with the task's columns, sentences of varied lengths."""
+    """GLUE-shaped examples with the task's columns: sentences of varied lengths, the first of
+    index + 1 words, so no two prompts are the same."""
     generator = torch.Generator().manual_seed(seed)
     columns = {
         "cola": ["sentence"], "sst2": ["sentence"], "mnli": ["premise", "hypothesis"], "mrpc": ["sentence1", "sentence2"],
@@ -111,8 +112,8 @@ def glue_rows(task: str, count: int, seed: int) -> list[dict]:
     rows = []
     for index in range(count):
         row = {}
-        for column in columns:
-            length = int(torch.randint(1, 12, (1,), generator=generator))
+        for position, column in enumerate(columns):
+            length = index + 1 if position == 0 else int(torch.randint(1, 12, (1,), generator=generator))
             row[column] = " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=generator))
         labels = GLUE_TASKS[task].label_words
         row["label"] = round(5 * float(torch.rand(1, generator=generator)), 3) if labels is None else index % len(labels)

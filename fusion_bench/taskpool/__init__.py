@@ -2,5 +2,6 @@
 
 from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.taskpool.dummy import DummyTaskPool
+from fusion_bench.taskpool.flan_t5_glue import FlanT5GLUETextGenerationTaskPool
 
-__all__ = ["BaseTaskPool", "DummyTaskPool"]
+__all__ = ["BaseTaskPool", "DummyTaskPool", "FlanT5GLUETextGenerationTaskPool"]
