@@ -48,6 +48,9 @@ class ModuleStateDict(LazyStateDict):
     def __getitem__(self, key: str) -> Tensor:
         return self._tensors[key]
 
+    def __contains__(self, key: object) -> bool:
+        return key in self._tensors
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
 
@@ -86,6 +89,9 @@ class SafetensorsStateDict(LazyStateDict):
     def __getitem__(self, key: str) -> Tensor:
         file, name = self._entries[key]
         return file.read(name)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's would read the tensor
+        return key in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)

@@ -98,6 +98,9 @@ class LoraStateDict(LazyStateDict):
         tensor = self.base[key]
         return self.adapter.apply(key, tensor) if key in self.changed_keys else tensor
 
+    def __contains__(self, key: object) -> bool:  # Mapping's would compute the tensor
+        return key in self.base
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.base)
 
