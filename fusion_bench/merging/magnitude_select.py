@@ -82,8 +82,11 @@ class MagnitudeSelector:
         what its count says is missing)."""
         values = []
         for row, members in enumerate(in_bucket):
-            members = torch.cat([members.abs(), torch.zeros(int(self._in_bucket[row]) - members.numel())])
-            values.append(members.sort(descending=True).values[int(self.k - self._above[row]) - 1])
+            rank = int(self.k - self._above[row])  # of the answer among the bucket's values, from the top
+            members = members.abs()
+            # Past the nonzero members the bucket holds only zeros, which are never materialised:
+            # a sparse task vector (a LoRA adapter's) may have hundreds of millions of them.
+            values.append(members.kthvalue(members.numel() - rank + 1).values if rank <= members.numel() else torch.zeros(()))
         self.values = torch.stack(values)
 
 
