@@ -17,11 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from fusion_bench.cache import cache_dir as fusion_cache_dir
+
 _FORMAT = 1  # bump when the stored layout changes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FUSION_BENCH_CACHE") or Path.home() / ".cache" / "fusion_bench")
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -58,7 +56,7 @@ def tokenize_cached(tokenizer, texts: Sequence[str], *, max_length: int, cache_d
     for text in texts:
         key.update(text.encode())
         key.update(b"\0")
-    path = (cache_dir or cache_root() / "tokenized") / f"{key.hexdigest()}.safetensors"
+    path = (cache_dir or fusion_cache_dir("tokenized")) / f"{key.hexdigest()}.safetensors"
     if path.is_file():
         stored = load_file(path)
         return TokenizedTexts(stored["ids"], stored["offsets"])
