@@ -31,20 +31,23 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("method, merge_space", [("ties_merging", "delta"), ("task_arithmetic", "dense"), ("simple_average", "delta")])
-def test_merge_and_evaluate_on_glue(workdir, method, merge_space):
+@pytest.mark.parametrize(
+    "method, merge_space, tasks",
+    [("ties_merging", "delta", list(GLUE_TASKS)), ("task_arithmetic", "dense", ["rte", "stsb"]), ("simple_average", "delta", ["cola", "stsb"])],
+)
+def test_merge_and_evaluate_on_glue(workdir, method, merge_space, tasks):
     root = t5_pool_dir()
     saved = workdir / "merged"
     result = run_cli(
         "--config-dir", str(workdir / "config"),
         f"method={method}", "modelpool=tiny_t5_lora", f"modelpool.merge_space={merge_space}",
-        "taskpool=flan-t5_glue_text_generation", f"taskpool.tokenizer={root / 'pretrained'}",
+        "taskpool=flan-t5_glue_text_generation", f"taskpool.tasks=[{','.join(tasks)}]", f"taskpool.tokenizer={root / 'pretrained'}",
         f"taskpool.dataset_path={glue_dir()}", "taskpool.max_samples=6", "fabric.accelerator=cpu",
         f"merged_model_save_path={saved}", f"hydra.run.dir={workdir / 'run'}",
         cwd=workdir,
     )  # fmt: skip
     report = json.loads((workdir / "run" / "report.json").read_text())
-    assert list(report["tasks"]) == list(GLUE_TASKS)
+    assert list(report["tasks"]) == tasks
     for task, metrics in report["tasks"].items():
         headline = "spearman_rho" if task == "stsb" else "accuracy"
         assert set(metrics) == {"score", headline, "unparseable"}
@@ -54,7 +57,7 @@ def test_merge_and_evaluate_on_glue(workdir, method, merge_space):
             assert 0 <= metrics["accuracy"] <= 1
     assert set(report["average"]) == {"score", "accuracy", "unparseable", "spearman_rho"}
     assert "stsb" in result.stdout and "unparseable" in result.stdout
-    assert len(list((workdir / "cache" / "tokenized").iterdir())) == len(GLUE_TASKS)
+    assert len(list((workdir / "cache" / "tokenized").iterdir())) == len(tasks)
     # the model evaluated and saved is the one the Python API merges, with Flan-T5's ties
     pool = Seq2SeqLMPool(
         {"_pretrained_": str(root / "pretrained"), **{f"glue-{t}": str(root / f"lora-{t}") for t in LORA_TASKS}}, merge_space=merge_space
