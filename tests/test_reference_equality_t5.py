@@ -38,11 +38,11 @@ def prefixed(prefix: str) -> dict[str, torch.Tensor]:
 
 
 @functools.cache
-def pool_folders(root: Path) -> dict[str, dict[str, Path]]:
+def pool_folders(root: Path) -> dict:
     """The fixture's models as a hub user has them: Hugging Face folders in the 4.x layout, and
     peft adapter folders."""
     T5Config(**json.loads(METADATA["t5_config"])).save_pretrained(root / "config")
-    folders = {"full": {}, "lora": {}}
+    folders = {"root": root, "full": {}, "lora": {}}
     for name in ("_pretrained_", "task0", "task1", "task2"):
         folder = root / "full" / name
         folder.mkdir(parents=True)
@@ -68,11 +68,22 @@ def merge_spaces(case):
     return ["dense", "delta"] if case["pool"] == "lora" else ["dense"]
 
 
+@functools.cache
+def loaded_lora_pool(root: Path) -> dict:
+    """The LoRA pool as the dense space loads it (peft, merge_and_unload), loaded once: the dense
+    space reading it is tested in test_seq2seq_lm_pool.py, and loading is most of a case's time."""
+    pool = Seq2SeqLMPool({name: str(path) for name, path in pool_folders(root)["lora"].items()})
+    return {name: pool.load_model(name) for name in pool.all_model_names}
+
+
 @pytest.mark.parametrize("case", [c for c in CASES if "error" not in c], ids=lambda c: c["case"])
 def test_matches_reference(case, folders):
     expected = prefixed(f"output/{case['case']}/")
     for merge_space in merge_spaces(case):
-        pool = Seq2SeqLMPool({name: str(path) for name, path in folders[case["pool"]].items()}, merge_space=merge_space)
+        if case["pool"] == "lora" and merge_space == "dense":
+            pool = loaded_lora_pool(folders["root"])
+        else:
+            pool = Seq2SeqLMPool({name: str(path) for name, path in folders[case["pool"]].items()}, merge_space=merge_space)
         merged = METHODS[case["method"]](**case["params"]).run(pool)
         assert merged.shared.weight is merged.encoder.embed_tokens.weight is merged.decoder.embed_tokens.weight
         assert merged.lm_head.weight is not merged.shared.weight

@@ -75,7 +75,7 @@ def test_chunking_and_budget_fallback_change_nothing(monkeypatch, chunk_elements
 @pytest.mark.parametrize("kind", ["normal", "ties"])
 @pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 @pytest.mark.parametrize("trim_scope", ["global", "tensor"])
-@pytest.mark.parametrize("threshold", [0.001, 5, 20, 64.5, 99.9])
+@pytest.mark.parametrize("threshold", [0.001, 20, 64.5])
 def test_multiplicity_and_zero_entries_equal_the_oracle(kind, merge_func, trim_scope, threshold):
     """Tied names count a tensor several times, and parameters no task changed count as zeros,
     exactly as if the flat vector listed them."""
@@ -92,7 +92,7 @@ def test_untouched_keys_as_zero_entries_change_nothing(monkeypatch, deferred_fra
     """Leaving out a tensor no task changed, and counting its entries as zeros, gives the merge
     over all tensors (the LoRA delta space relies on it)."""
     monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", deferred_fraction)
-    for kind, merge_func, threshold in itertools.product(["normal", "ties"], ["sum", "mean", "max"], [5, 20, 90]):
+    for kind, merge_func, threshold in itertools.product(["normal", "ties"], ["sum", "mean", "max"], [5, 90]):
         pretrained, finetuned = make_pool(seed=11, kind=kind)
         params = dict(scaling_factor=0.5, threshold=threshold, merge_func=merge_func, multiplicity={"w": 2, "untouched": 3})
         full = run_ties(pretrained, finetuned, **params)
