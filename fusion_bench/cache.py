@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("FUSION_BENCH_CACHE", Path.home() / ".cache" / "fusion_bench")).expanduser()
+def cache_dir(*parts: str) -> Path:
+    """The cache folder, or a folder under it (not created here)."""
+    root = os.environ.get("FUSION_BENCH_CACHE") or Path.home() / ".cache" / "fusion_bench"
+    return Path(root).expanduser().joinpath(*parts)
 
 
 def fingerprint(*parts: Any) -> str:

@@ -15,7 +15,7 @@ def _split(vector, like, keys):
     out, start = {}, 0
     for key in keys:
         numel = like[key].numel()
-        out[key] = vector[start : start + numel].view_as(like[key])
+        out.setdefault(key, vector[start : start + numel].view_as(like[key]))
         start += numel
     return out
 
@@ -31,13 +31,18 @@ def trim_mask(task_vectors, threshold):
     return task_vectors.abs() >= cut
 
 
-def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, trim_scope="global", elect=True):
-    theta0 = _flatten(pretrained, keys)
-    tau = torch.stack([_flatten(model, keys) for model in finetuned]) - theta0
+def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, trim_scope="global", multiplicity=None, zero_entries=0, elect=True):
+    """multiplicity[key] > 1 lists the key that many times in the flat vector, as the reference
+    flattens a state dict with tied names; zero_entries appends that many zeros to every task
+    vector (parameters no task changed). The result is read from each key's first copy.
+    elect=False: the ablation without sign election."""
+    flat_keys = [key for key in keys for _ in range((multiplicity or {}).get(key, 1))]
+    theta0 = torch.cat([_flatten(pretrained, flat_keys), torch.zeros(zero_entries)])
+    tau = torch.stack([torch.cat([_flatten(model, flat_keys), torch.zeros(zero_entries)]) for model in finetuned]) - theta0
     if trim_scope == "global":
         mask = trim_mask(tau, threshold)
     else:
-        sizes = [pretrained[key].numel() for key in keys]
+        sizes = [pretrained[key].numel() for key in flat_keys] + ([zero_entries] if zero_entries else [])
         mask = torch.cat([trim_mask(part, threshold) for part in tau.split(sizes, dim=1)], dim=1)
     trimmed = tau * mask
     if not elect:  # every kept entry counts, whatever its sign
@@ -47,7 +52,7 @@ def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, 
             merged = trimmed.sum(dim=0) / (trimmed != 0).sum(dim=0).clamp(min=1)
         else:
             merged = trimmed.gather(0, trimmed.abs().argmax(dim=0, keepdim=True)).squeeze(0)
-        return _split(theta0 + scaling_factor * merged, pretrained, keys)
+        return _split(theta0 + scaling_factor * merged, pretrained, flat_keys)
     sign = torch.sign(trimmed.sum(dim=0))
     sign[sign == 0] = torch.sign(sign.sum())
     agree = torch.where(sign > 0, trimmed > 0, trimmed < 0) & (sign != 0)
@@ -58,7 +63,7 @@ def ties(pretrained, finetuned, keys, *, scaling_factor, threshold, merge_func, 
         merged = selected.sum(dim=0) / agree.sum(dim=0).clamp(min=1)
     else:
         merged = selected.abs().max(dim=0).values * sign
-    return _split(theta0 + scaling_factor * merged, pretrained, keys)
+    return _split(theta0 + scaling_factor * merged, pretrained, flat_keys)
 
 
 def task_arithmetic(pretrained, finetuned, keys, *, scaling_factor):

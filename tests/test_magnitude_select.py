@@ -55,3 +55,36 @@ def test_equals_sort(rows, numel, kind, k_fraction, chunk_fraction, resolve, see
 def test_k_at_least_numel_needs_no_pass():
     selector = MagnitudeSelector(rows=2, numel=5, k=5)
     assert selector.done and torch.equal(selector.values, torch.zeros(2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    numel=st.integers(1, 500),
+    weights=st.lists(st.integers(1, 4), min_size=1, max_size=4),
+    zeros=st.integers(0, 300),
+    k_fraction=st.floats(0, 1),
+    integers=st.booleans(),
+    resolve=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_weighted_chunks_and_added_zeros_equal_sort_of_the_repeated_stream(numel, weights, zeros, k_fraction, integers, resolve, seed):
+    generator = torch.Generator().manual_seed(seed)
+    chunks = [torch.randn(2, numel, generator=generator) for _ in weights]
+    if integers:
+        chunks = [torch.randint(-2, 3, (2, numel), generator=generator).float() for _ in weights]
+    repeated = torch.cat([c for c, w in zip(chunks, weights) for _ in range(w)] + [torch.zeros(2, zeros)], dim=1)
+    k = max(1, round(k_fraction * repeated.shape[1]))
+    selector = MagnitudeSelector(2, repeated.shape[1], k)
+    while not selector.done:
+        for chunk, weight in zip(chunks, weights):
+            selector.update(chunk, weight)
+        selector.add_zeros(zeros)
+        selector.end_pass()
+        if resolve and not selector.done:
+            low, high = selector.bucket_bounds
+            members = []
+            for row in range(2):
+                m = torch.cat([c[row].abs().repeat(w) for c, w in zip(chunks, weights)])
+                members.append(m[(m >= low[row]) & (m < high[row]) & (m > 0)])
+            selector.resolve(members)
+    assert torch.equal(selector.values, kth_largest(repeated, k))

@@ -17,4 +17,6 @@ def test_wheel_ships_every_config(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     configs = {f"fusion_bench_config/{p.relative_to(REPO / 'config').as_posix()}" for p in (REPO / "config").rglob("*.yaml")}
     assert "fusion_bench_config/fusion_bench.yaml" in configs and configs <= names
-    assert "fusion_bench/cli.py" in names and any(name.endswith("entry_points.txt") for name in names)
+    modules = {p.relative_to(REPO).as_posix() for p in (REPO / "fusion_bench").rglob("*.py")}
+    assert modules <= names, f"missing from the wheel: {sorted(modules - names)[:3]} (list the package in pyproject.toml)"
+    assert any(name.endswith("entry_points.txt") for name in names)

@@ -40,9 +40,9 @@ def make_pool(seed: int, n_tasks: int = 4, kind: str = "normal"):
     return pretrained, finetuned
 
 
-def run_ties(pretrained, finetuned, **params):
+def run_ties(pretrained, finetuned, keys=tuple(SHAPES), **params):
     out = {key: torch.empty_like(value) for key, value in pretrained.items()}
-    ties_merge(pretrained, {f"task{i}": m for i, m in enumerate(finetuned)}, out, list(SHAPES), **params)
+    ties_merge(pretrained, {f"task{i}": m for i, m in enumerate(finetuned)}, out, list(keys), **params)
     return out
 
 
@@ -80,6 +80,35 @@ def test_chunking_and_budget_fallback_change_nothing(monkeypatch, chunk_elements
         assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
 
 
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+@pytest.mark.parametrize("trim_scope", ["global", "tensor"])
+@pytest.mark.parametrize("threshold", [0.001, 20, 64.5])
+def test_multiplicity_and_zero_entries_equal_the_oracle(kind, merge_func, trim_scope, threshold):
+    """Tied names count a tensor several times, and parameters no task changed count as zeros,
+    exactly as if the flat vector listed them."""
+    pretrained, finetuned = make_pool(seed=hash((kind, threshold, 7)) % 1000, kind=kind)
+    params = dict(scaling_factor=0.7, threshold=threshold, merge_func=merge_func, trim_scope=trim_scope)
+    multiplicity, zero_entries = {"w": 3, "b": 2}, 150 if trim_scope == "global" else 0
+    keys = ["w", "b", "conv"]  # "untouched" stands for the zero entries
+    out = run_ties(pretrained, finetuned, keys, multiplicity=multiplicity, zero_entries=zero_entries, **params)
+    assert_close({k: out[k] for k in keys}, oracles.ties(pretrained, finetuned, keys, multiplicity=multiplicity, zero_entries=zero_entries, **params))
+
+
+@pytest.mark.parametrize("deferred_fraction", [0.25, 0.0])
+def test_untouched_keys_as_zero_entries_change_nothing(monkeypatch, deferred_fraction):
+    """Leaving out a tensor no task changed, and counting its entries as zeros, gives the merge
+    over all tensors (the LoRA delta space relies on it)."""
+    monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", deferred_fraction)
+    for kind, merge_func, threshold in itertools.product(["normal", "ties"], ["sum", "mean", "max"], [5, 90]):
+        pretrained, finetuned = make_pool(seed=11, kind=kind)
+        params = dict(scaling_factor=0.5, threshold=threshold, merge_func=merge_func, multiplicity={"w": 2, "untouched": 3})
+        full = run_ties(pretrained, finetuned, **params)
+        partial = run_ties(pretrained, finetuned, ["w", "b", "conv"], zero_entries=3 * 5, **params)
+        assert_close(partial, {k: full[k] for k in ["w", "b", "conv"]}, tolerance=0)
+        assert torch.equal(full["untouched"], pretrained["untouched"])
+
+
 def test_zero_sum_column_takes_the_majority_sign():
     """A column whose trimmed values cancel exactly gets the sign of Σγ over all parameters."""
     pretrained = {"w": torch.zeros(4)}
@@ -88,6 +117,17 @@ def test_zero_sum_column_takes_the_majority_sign():
     ties_merge(pretrained, {"a": finetuned[0], "b": finetuned[1]}, out, ["w"], scaling_factor=1.0, threshold=100, merge_func="sum")
     # γ = (0, +, +, 0); Σγ = 2 > 0, so columns 0 and 3 keep their positive entries
     assert out["w"].tolist() == [1.0, 3.0, 4.0, 0.5]
+
+
+def test_multiplicity_weighs_the_majority_sign():
+    """Σγ counts a tensor once per name: here a tied tensor's negative sign outweighs the rest."""
+    pretrained = {"w": torch.zeros(3), "tied": torch.zeros(1)}
+    finetuned = [{"w": torch.tensor([1.0, 2.0, 3.0]), "tied": torch.tensor([-1.0])}, {"w": torch.tensor([-1.0, 1.0, 1.0]), "tied": torch.tensor([0.0])}]
+    for multiplicity, majority in [({"tied": 1}, 1.0), ({"tied": 3}, -1.0)]:
+        out = {key: torch.empty_like(value) for key, value in pretrained.items()}
+        ties_merge(pretrained, {"a": finetuned[0], "b": finetuned[1]}, out, ["w", "tied"], scaling_factor=1.0, threshold=100, multiplicity=multiplicity)
+        # γ = (0, +, +) and (-) for the tied entry: Σγ = 2 − m, so column 0 takes the sign of 2 − m
+        assert out["w"][0].item() == majority and out["tied"].item() == -1.0
 
 
 def test_no_majority_sign_leaves_undecided_columns_at_pretrained():

@@ -22,8 +22,9 @@ _LOW_BINS = 1 << _LOW_BITS
 class MagnitudeSelector:
     """Finds, for each of `rows` streams of `numel` values, the k-th largest |x| (k counts from 1).
 
-    Feed every chunk of the streams to `update` (chunks are [rows, c]), call `end_pass`, and repeat
-    while `done` is False; then `values` holds one float per row. After pass 1, `bucket_bounds`
+    Feed every chunk of the streams to `update` (chunks are [rows, c]; a chunk given weight m stands
+    for m copies of itself, and `add_zeros` for zeros never materialised; `numel` counts them all),
+    call `end_pass`, and repeat while `done` is False; then `values` holds one float per row. After pass 1, `bucket_bounds`
     brackets each answer, and `resolve` can finish from the values inside the brackets instead of
     a second pass. k ≥ numel needs no pass: the k-th largest is then the smallest magnitude, and a
     cut at 0 keeps everything alike.
@@ -47,7 +48,7 @@ class MagnitudeSelector:
         """After pass 1: per row, [low, high) holding the k-th largest |x|."""
         return _as_float(self._bucket_start), _as_float(self._bucket_start + _LOW_BINS)
 
-    def update(self, chunk: Tensor) -> None:
+    def update(self, chunk: Tensor, weight: int = 1) -> None:
         bits = chunk.abs().view(torch.int32)
         if self._bucket_start is None:
             index = bits >> _LOW_BITS
@@ -55,7 +56,15 @@ class MagnitudeSelector:
             index = (bits - self._bucket_start[:, None]).clamp_(-1, _LOW_BINS).add_(1)
         if self._ones.shape != index.shape:
             self._ones = torch.ones(index.shape, dtype=torch.int64)
-        self._histogram.scatter_add_(1, index.long(), self._ones)
+        self._histogram.scatter_add_(1, index.long(), self._ones if weight == 1 else self._ones * weight)
+
+    def add_zeros(self, count: int) -> None:
+        """Count `count` zeros in every row, as if fed to `update`."""
+        if self._bucket_start is None:
+            self._histogram[:, 0] += count  # 0.0 has the bit pattern 0
+        else:
+            index = (-self._bucket_start.long()).clamp_(-1, _LOW_BINS).add_(1)
+            self._histogram[torch.arange(self.rows), index] += count
 
     def end_pass(self) -> None:
         if self._bucket_start is None:
@@ -69,11 +78,15 @@ class MagnitudeSelector:
 
     def resolve(self, in_bucket: list[Tensor]) -> None:
         """Finish after pass 1 from in_bucket[row]: the row's nonzero magnitudes inside its bucket,
-        all of them (the bucket's zeros, if it holds 0, are what its count says is missing)."""
+        all of them, each as many times as it was counted (the bucket's zeros, if it holds 0, are
+        what its count says is missing)."""
         values = []
         for row, members in enumerate(in_bucket):
-            members = torch.cat([members.abs(), torch.zeros(int(self._in_bucket[row]) - members.numel())])
-            values.append(members.sort(descending=True).values[int(self.k - self._above[row]) - 1])
+            rank = int(self.k - self._above[row])  # of the answer among the bucket's values, from the top
+            members = members.abs()
+            # Past the nonzero members the bucket holds only zeros, which are never materialised:
+            # a sparse task vector (a LoRA adapter's) may have hundreds of millions of them.
+            values.append(members.kthvalue(members.numel() - rank + 1).values if rank <= members.numel() else torch.zeros(()))
         self.values = torch.stack(values)
 
 

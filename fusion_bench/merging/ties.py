@@ -14,6 +14,10 @@ sign. Each task's cut (its k-th largest |τ_t|) is found exactly by radix select
 The elected sign is 0 where the trimmed sum is exactly 0; there the reference uses the sign of Σγ
 over all parameters, known only at the end, so such columns too are set aside and patched last.
 With trim_scope "tensor" each tensor's cut comes from two histogram passes over that tensor alone.
+
+The global quantities (the cut, Σγ) are taken over the task vector as the reference flattens it:
+a tensor listed under m state-dict names (tied weights) counts m times (`multiplicity`), and
+parameters no task changed, left out of `keys` (LoRA adapters), count as `zero_entries` zeros.
 """
 
 from collections.abc import Mapping, Sequence
@@ -48,42 +52,48 @@ def ties_merge(
     threshold: float,
     merge_func: str = "sum",
     trim_scope: str = "global",
+    multiplicity: Mapping[str, int] | None = None,
+    zero_entries: int = 0,
     elect: bool = True,
 ) -> None:
     """Write the TIES merge into out[key] for every key (other keys are left as they are).
 
+    multiplicity[key] (default 1): how many times the key's entries count in the global cut and in
+    Σγ. zero_entries: further entries of every task vector, all zero, that count in the global cut.
     elect=False is the paper's ablation without sign election (merge_all); threshold=100 is the
-    one without trimming."""
+    one without trimming.
+    """
     keep_fraction(threshold)
     check_merge_func(merge_func)
     check_trim_scope(trim_scope)
     models = {"_pretrained_": pretrained, **finetuned}
     sizes = {key: out[key].numel() for key in keys}
+    weights = {key: 1 for key in keys} | dict(multiplicity or {})
     tasks = len(finetuned)
     if trim_scope == "tensor":
-        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
+        merger = _Merger(out, tasks, scaling_factor, merge_func, weights=weights, elect=elect)
         for key in progress(keys, "TIES merge"):
-            selector = _select(models, {key: sizes[key]}, threshold, passes=2, show_progress=False)
+            selector = _select(models, {key: sizes[key]}, {key: 1}, 0, threshold, passes=2, show_progress=False)
             merger.merge_key(models, key, selector.values, check_finite=False)
         merger.finish()
         return
 
-    selector = _select(models, sizes, threshold, passes=1, show_progress=True)
+    selector = _select(models, sizes, weights, zero_entries, threshold, passes=1, show_progress=True)
     if selector.done:  # threshold 100: no cut, and nothing read yet
-        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
+        merger = _Merger(out, tasks, scaling_factor, merge_func, weights=weights, elect=elect)
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, selector.values, check_finite=True)
         merger.finish()
         return
     budget = DEFERRED_FRACTION * 4 * sum(sizes.values())
     low, high = selector.bucket_bounds
-    merger = _Merger(out, tasks, scaling_factor, merge_func, elect, bucket_bounds=(low, high), budget=budget)
+    merger = _Merger(out, tasks, scaling_factor, merge_func, weights=weights, elect=elect, bucket_bounds=(low, high), budget=budget)
     try:
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, high, check_finite=False)
     except _BudgetExceeded:
-        _run_pass(models, sizes, selector, check_finite=False, desc="TIES trim, pass 2")
-        merger = _Merger(out, tasks, scaling_factor, merge_func, elect)
+        _run_pass(models, sizes, weights, zero_entries, selector, check_finite=False, desc="TIES trim, pass 2")
+        merger = _Merger(out, tasks, scaling_factor, merge_func, weights=weights, elect=elect)
         for key in progress(keys, "TIES merge"):
             merger.merge_key(models, key, selector.values, check_finite=False)
     else:
@@ -93,23 +103,33 @@ def ties_merge(
 
 
 def _select(
-    models: Mapping[str, StateDict], sizes: Mapping[str, int], threshold: float, *, passes: int, show_progress: bool
+    models: Mapping[str, StateDict],
+    sizes: Mapping[str, int],
+    weights: Mapping[str, int],
+    zero_entries: int,
+    threshold: float,
+    *,
+    passes: int,
+    show_progress: bool,
 ) -> MagnitudeSelector:
-    """A selector for each task's cut over `sizes`' keys, after up to `passes` passes (the first
-    checks the models for NaN/Inf)."""
-    numel = sum(sizes.values())
+    """A selector for each task's cut over `sizes`' keys (each counted `weights` times) and
+    `zero_entries` zeros, after up to `passes` passes (the first checks the models for NaN/Inf)."""
+    numel = sum(size * weights[key] for key, size in sizes.items()) + zero_entries
     selector = MagnitudeSelector(rows=len(models) - 1, numel=numel, k=keep_count(numel, threshold))
     for index in range(passes):
         if selector.done:
             break
-        _run_pass(models, sizes, selector, check_finite=index == 0, desc=f"TIES trim, pass {index + 1}" if show_progress else None)
+        desc = f"TIES trim, pass {index + 1}" if show_progress else None
+        _run_pass(models, sizes, weights, zero_entries, selector, check_finite=index == 0, desc=desc)
     return selector
 
 
-def _run_pass(models, sizes, selector: MagnitudeSelector, *, check_finite: bool, desc: str | None) -> None:
+def _run_pass(models, sizes, weights, zero_entries: int, selector: MagnitudeSelector, *, check_finite: bool, desc: str | None) -> None:
     for key in progress(list(sizes), desc) if desc else sizes:
         for _, stack in aligned_chunks(models, key, task_vectors=True, check_finite=check_finite):
-            selector.update(stack[1:])
+            selector.update(stack[1:], weights[key])
+    if zero_entries:
+        selector.add_zeros(zero_entries)
     selector.end_pass()
 
 
@@ -169,8 +189,20 @@ class _Merger:
     aside every column with an entry inside its task's bracket, to merge again with exact cuts.
     """
 
-    def __init__(self, out: StateDict, tasks: int, scaling_factor: float, merge_func: str, elect: bool, *, bucket_bounds=None, budget=0.0):
-        self.out, self.scaling_factor, self.merge_func, self.elect = out, scaling_factor, merge_func, elect
+    def __init__(
+        self,
+        out: StateDict,
+        tasks: int,
+        scaling_factor: float,
+        merge_func: str,
+        *,
+        weights: Mapping[str, int],
+        elect: bool,
+        bucket_bounds=None,
+        budget=0.0,
+    ):
+        self.out, self.scaling_factor, self.merge_func = out, scaling_factor, merge_func
+        self.weights, self.elect = weights, elect
         self.bucket_bounds, self.budget = bucket_bounds, budget
         self.sign_total = 0
         self.undecided = _ColumnStore(tasks)  # trimmed sum exactly 0: need the majority sign
@@ -200,9 +232,14 @@ class _Merger:
             output.finish()
 
     def deferred_magnitudes(self, row: int, low: Tensor, high: Tensor) -> Tensor:
-        """Task `row`'s nonzero magnitudes in [low, high) among the columns set aside: all there are."""
-        values = self.deferred.task_vectors[row, : self.deferred.size].abs()
-        return values[(values >= low) & (values < high) & (values > 0)]
+        """Task `row`'s nonzero magnitudes in [low, high) among the columns set aside: all there are,
+        each repeated as many times as its tensor counts."""
+        in_bracket = lambda values: values[(values >= low) & (values < high) & (values > 0)]  # noqa: E731
+        found = [in_bracket(self.deferred.task_vectors[row, : self.deferred.size].abs())]
+        for key, _, _, task_vectors in self.deferred.blocks():
+            if self.weights[key] > 1:
+                found.append(in_bracket(task_vectors[row].abs()).repeat(self.weights[key] - 1))
+        return torch.cat(found)
 
     def finish(self) -> None:
         """Patch the undecided columns with the majority sign."""
@@ -224,7 +261,7 @@ class _Merger:
         if exclude is not None and exclude.numel():
             counted = sign.index_fill(0, exclude, 0)
             undecided[exclude] = False
-        self.sign_total += int(counted.sum())
+        self.sign_total += int(counted.sum()) * self.weights[key]
         columns = undecided.nonzero().squeeze(1)
         if columns.numel():
             self.undecided.add(key, index[columns], theta0[columns], trimmed[:, columns])

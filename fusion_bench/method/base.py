@@ -25,26 +25,50 @@ class MergeInputs:
 
     pretrained: LazyStateDict | None
     finetuned: dict[str, LazyStateDict]
-    keys: list[str]  # the entries to merge: floating point and not in remove_keys
+    keys: list[str]  # the entries to merge: floating point, not in remove_keys, changed by some task
+    # How many times each key (of keys and untouched) counts in global statistics: its state-dict
+    # names not in remove_keys (tied weights share one tensor under several names).
+    multiplicity: dict[str, int]
+    untouched: list[str]  # entries no task model changes (LoRA adapters in delta space): left at θ₀
+
+    def untouched_entries(self) -> int:
+        """The untouched parameters as a flat task vector counts them: all zero."""
+        return sum(self.pretrained.shape(key).numel() * self.multiplicity[key] for key in self.untouched)
 
 
 def merge_inputs(pool: BaseModelPool, *, method: str, need_pretrained: bool, remove_keys: Sequence[str] = ()) -> MergeInputs:
     """The pool's state dicts, after checking that every task model matches the reference model
-    (`_pretrained_`, else the first task model) key for key and shape for shape."""
+    (`_pretrained_`, else the first task model) key for key and shape for shape.
+
+    remove_keys may name any state-dict name of a tied tensor: the tensor is left out once all its
+    names are, and otherwise counts once per remaining name, as the reference flattens it.
+    """
     if not pool.model_names:
         raise InputError(f"{method} needs at least one task model in the pool, besides {PRETRAINED}")
-    if need_pretrained and not pool.has_pretrained:
+    untouched_keys = pool.untouched_keys()
+    if (need_pretrained or untouched_keys) and not pool.has_pretrained:
         raise InputError(f"{method} needs the base model: add `{PRETRAINED}: <model>` under the pool's `models`")
-    reference_name = PRETRAINED if need_pretrained else pool.model_names[0]
+    reference_name = PRETRAINED if need_pretrained or untouched_keys else pool.model_names[0]
     reference = pool.state_dict(reference_name)
     finetuned = {name: pool.state_dict(name) for name in pool.model_names}
     for name, state_dict in finetuned.items():
         _check_matches(name, state_dict, reference_name, reference)
+    names = {alias for key in reference for alias in reference.aliases(key)}
     for key in remove_keys:
-        if key not in reference:
+        if key not in names:
             raise InputError(f"remove_keys names {key!r}, which is not a key of model {reference_name!r}")
-    keys = [key for key in reference if key not in remove_keys and reference.dtype(key).is_floating_point]
-    return MergeInputs(reference if need_pretrained else None, finetuned, keys)
+    multiplicity = {}
+    for key in reference:
+        kept = [alias for alias in reference.aliases(key) if alias not in remove_keys]
+        if kept and reference.dtype(key).is_floating_point:
+            multiplicity[key] = len(kept)
+    return MergeInputs(
+        reference if need_pretrained or untouched_keys else None,
+        finetuned,
+        keys=[key for key in multiplicity if key not in untouched_keys],
+        multiplicity=multiplicity,
+        untouched=[key for key in multiplicity if key in untouched_keys],
+    )
 
 
 def _check_matches(name: str, state_dict: LazyStateDict, reference_name: str, reference: LazyStateDict) -> None:

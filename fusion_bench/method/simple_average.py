@@ -7,7 +7,7 @@ from torch import nn
 
 from fusion_bench.merging.simple_average import simple_average_merge
 from fusion_bench.method.base import BaseAlgorithm, merge_inputs, output_model
-from fusion_bench.modelpool.base import BaseModelPool, as_modelpool
+from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 
 
 class SimpleAverageAlgorithm(BaseAlgorithm):
@@ -17,6 +17,7 @@ class SimpleAverageAlgorithm(BaseAlgorithm):
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
         pool = as_modelpool(modelpool)
         inputs = merge_inputs(pool, method="simple_average", need_pretrained=False)
-        merged = output_model(pool, pool.model_names[0], inputs.keys)
+        # untouched tensors are the same in every model: those of the base, which the pool then has
+        merged = output_model(pool, PRETRAINED if inputs.untouched else pool.model_names[0], inputs.keys)
         simple_average_merge(inputs.finetuned, merged.state_dict(), inputs.keys)
         return merged

@@ -20,6 +20,9 @@ class TiesMergingAlgorithm(BaseAlgorithm):
     trim_scope: "global" cuts over each whole task vector (the paper, FusionBench), "tensor"
     within each tensor (mergekit, peft). remove_keys keep their pretrained values. The paper's
     ablations: threshold=100 is TIES without trimming, elect=False without sign election.
+
+    The global statistics count every state-dict name, as FusionBench flattens a state dict: a
+    tensor tied under m names (T5's embeddings) counts m times, yet is merged once and stays tied.
     """
 
     def __init__(
@@ -57,6 +60,8 @@ class TiesMergingAlgorithm(BaseAlgorithm):
             threshold=self.threshold,
             merge_func=self.merge_func,
             trim_scope=self.trim_scope,
+            multiplicity=inputs.multiplicity,
+            zero_entries=inputs.untouched_entries(),
             elect=self.elect,
         )
         return merged

@@ -4,5 +4,6 @@ from fusion_bench.modelpool.base import BaseModelPool
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.offline_text import OfflineTextPool
+from fusion_bench.modelpool.seq2seq_lm import Seq2SeqLMPool
 
-__all__ = ["AutoModelPool", "BaseModelPool", "LazyStateDict", "OfflineTextPool"]
+__all__ = ["AutoModelPool", "BaseModelPool", "LazyStateDict", "OfflineTextPool", "Seq2SeqLMPool"]

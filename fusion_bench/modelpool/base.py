@@ -92,6 +92,11 @@ class BaseModelPool:
         """The model's tensors by name; file-backed pools read them one at a time."""
         return ModuleStateDict(self.load_model(name))
 
+    def untouched_keys(self) -> set[str]:
+        """Keys of `_pretrained_` that no task model changes, known without reading them (LoRA
+        adapters in delta space); methods leave them out of the merge. None known by default."""
+        return set()
+
     def load_pretrained_or_first_model(self) -> nn.Module:
         return self.load_model(PRETRAINED if self.has_pretrained else self.model_names[0])
 

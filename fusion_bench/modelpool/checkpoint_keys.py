@@ -13,12 +13,15 @@ from torch import nn
 
 def unique_state_dict_keys(module: nn.Module) -> list[str]:
     """State-dict keys, each tied parameter under its first name only (works on the meta device)."""
-    seen, keys = set(), []
+    return list(tied_names(module))
+
+
+def tied_names(module: nn.Module) -> dict[str, list[str]]:
+    """{first state-dict name: all names of that tensor} (works on the meta device)."""
+    names: dict[int, list[str]] = {}
     for key, tensor in module.state_dict(keep_vars=True).items():
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            keys.append(key)
-    return keys
+        names.setdefault(id(tensor), []).append(key)
+    return {group[0]: group for group in names.values()}
 
 
 def checkpoint_key_map(model: nn.Module, file_keys: Iterable[str]) -> dict[str, str] | None:

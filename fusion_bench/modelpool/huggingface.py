@@ -12,7 +12,7 @@ from torch import nn
 
 from fusion_bench.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
-from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, unique_state_dict_keys
+from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, tied_names, unique_state_dict_keys
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
 
@@ -75,8 +75,10 @@ class AutoModelPool(BaseModelPool):
         key_map = checkpoint_key_map(architecture, file_keys)
         if key_map is None:  # loading transforms tensors: only from_pretrained knows how
             return super().state_dict(name)
-        keys = [key for key in unique_state_dict_keys(architecture) if key in key_map]
-        return SafetensorsStateDict(files, {key: key_map[key] for key in keys})
+        loaded = _loaded_ties(tied_names(architecture), key_map, SafetensorsStateDict(files, key_map))
+        return SafetensorsStateDict(
+            files, {key: key_map[source] for key, (source, _) in loaded.items()}, {key: names for key, (_, names) in loaded.items()}
+        )
 
     def _meta_model(self, folder: Path) -> nn.Module:
         """The architecture of the model in `folder`, without weights (meta device)."""
@@ -93,6 +95,31 @@ class AutoModelPool(BaseModelPool):
                 else:
                     self._architectures[config_text] = cls(cls.config_class.from_pretrained(folder))
         return self._architectures[config_text]
+
+
+def _loaded_ties(groups: dict[str, list[str]], key_map: Mapping[str, str], tensors: LazyStateDict) -> dict[str, tuple[str, list[str]]]:
+    """{key: (the name its tensor is read under, all its state-dict names)} for the tensors the
+    checkpoint provides, tied as from_pretrained ties them.
+
+    Each group of names the architecture ties is read from its first name in the checkpoint; a
+    tied name that the checkpoint stores with other values stays untied, as from_pretrained leaves
+    it (transformers 5 ties every T5's lm_head to its embeddings in the architecture, while
+    Flan-T5 checkpoints hold an lm_head of their own).
+    """
+    loaded = {}
+    for key, names in groups.items():
+        present = [name for name in names if name in key_map]
+        if not present:
+            continue
+        source = present[0]
+        untied = [name for name in present[1:] if not _same_tensor(tensors, name, source)]
+        loaded[key] = (source, [name for name in names if name not in untied])
+        loaded.update({name: (name, [name]) for name in untied})
+    return loaded
+
+
+def _same_tensor(tensors: LazyStateDict, a: str, b: str) -> bool:
+    return tensors.shape(a) == tensors.shape(b) and torch.equal(tensors[a], tensors[b])
 
 
 def _safetensors_files(path: Path) -> list[SafetensorsFile]:

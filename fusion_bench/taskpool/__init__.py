@@ -2,6 +2,7 @@
 
 from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.taskpool.dummy import DummyTaskPool
+from fusion_bench.taskpool.flan_t5_glue import FlanT5GLUETextGenerationTaskPool
 from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
 
-__all__ = ["BaseTaskPool", "DummyTaskPool", "TextClassificationTaskPool"]
+__all__ = ["BaseTaskPool", "DummyTaskPool", "FlanT5GLUETextGenerationTaskPool", "TextClassificationTaskPool"]
