@@ -1,0 +1,1 @@
+"""Data facts: class names, prompt templates; no code that touches models."""
