@@ -1,7 +1,8 @@
 """Model pools: where models come from, handed out whole or as lazy state dicts."""
 
 from fusion_bench.modelpool.base import BaseModelPool
+from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 
-__all__ = ["AutoModelPool", "BaseModelPool", "LazyStateDict"]
+__all__ = ["AutoModelPool", "BaseModelPool", "CLIPVisionModelPool", "LazyStateDict"]
