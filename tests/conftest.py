@@ -11,6 +11,8 @@ import torch
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+pytest_plugins = ["tests.clip_fixtures"]  # the tiny CLIP model, towers and image datasets
+
 TASKS = ("alpha", "beta", "gamma")
 
 
