@@ -180,7 +180,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     def _load_clip(self) -> nn.Module:
         if self._clip is None:
-            self._clip = _load_pretrained(self._clip_spec, "transformers.CLIPModel", "base_model").eval().requires_grad_(False)
+            clip = _load_pretrained(self._clip_spec, "transformers.CLIPModel", "base_model").eval().requires_grad_(False)
+            clip.vision_model = None  # the merged tower stands in for it; free its memory (1.2 GB for ViT-L/14)
+            self._clip = clip
         return self._clip
 
     def _load_processor(self) -> Any:
