@@ -20,6 +20,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from fusion_bench.cache import cache_dir
+
 N_TASKS = 8
 METHODS = ("simple_average", "task_arithmetic", "ties_merging")
 REFERENCE_CLASSES = {
@@ -28,10 +30,6 @@ REFERENCE_CLASSES = {
     "ties_merging": "TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func='sum')",
 }
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FUSION_BENCH_CACHE", Path.home() / ".cache" / "fusion_bench")) / "benchmarks"
 
 
 def write_pool(root: Path) -> dict[str, Path]:
@@ -113,7 +111,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
     args = parser.parse_args()
-    folders = write_pool(cache_dir() / "clip-vit-base-patch32-random")
+    folders = write_pool(cache_dir("benchmarks", "clip-vit-base-patch32-random"))
     python = None
     if not args.no_reference:
         python = subprocess.run([str(REPO.parent / "shared" / "tools" / "reference-venv.sh")], capture_output=True, text=True, check=True).stdout.strip()
