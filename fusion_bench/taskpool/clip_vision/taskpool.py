@@ -63,8 +63,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             raise InputError("the task pool has no test_datasets; list them as <task>: <dataset>")
         self._test_datasets = dict(test_datasets.items())
         self.tasks: dict[str, ClassificationTask] = {name: classification_task(name) for name in self._test_datasets}
-        self.base_model = base_model
         self._clip_spec = _plain(clip_model) if clip_model is not None else base_model
+        self._base_name = self._clip_spec if isinstance(self._clip_spec, str) else base_model  # for messages
         self._processor_spec = _plain(processor) if processor is not None else base_model
         self.dataloader_kwargs = _check_dataloader_kwargs(_plain(dataloader_kwargs) or {})
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
@@ -94,12 +94,12 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         else:
             return
         tower = tower.vision_config if getattr(tower, "model_type", None) == "clip" else tower
-        check_tower_fits(tower, base.vision_config, self._clip_spec, what=f"the pool's model {name!r}")
+        check_tower_fits(tower, base.vision_config, self._base_name, what=f"the pool's model {name!r}")
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         clip = self._load_clip()
-        check_tower_fits(getattr(model, "config", None), clip.config.vision_config, str(self.base_model))
+        check_tower_fits(getattr(model, "config", None), clip.config.vision_config, self._base_name)
         device = fabric.device if fabric is not None else torch.device("cpu")
         model.eval()
         tower = model.to(device)
@@ -139,7 +139,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
                 clip.text_model.to(device)
                 clip.text_projection.to(device)
                 head = compute_head(clip, tokenizer, self.tasks[task], device, description=task)
-                self.head_cache.save(key, head, {"task": task, "base_model": str(self.base_model)})
+                self.head_cache.save(key, head, {"task": task, "base_model": self._base_name})
             self._heads[task] = head
         return self._heads[task].to(device)
 
