@@ -59,6 +59,8 @@ def test_batched_preprocessing_equals_the_clip_processor(shortest_edge):
     expected = processor(images=images, return_tensors="pt")["pixel_values"]
     assert ours.dtype == torch.float32 and ours.shape == expected.shape == (4, 3, shortest_edge, shortest_edge)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+    with pytest.raises(InputError, match="CLIP's resize the shortest edge, and only those are supported"):
+        CLIPImageTransform(CLIPImageProcessor(size={"height": 32, "width": 32}))
 
 
 def fusion_bench_pool_yaml(world) -> str:

@@ -29,27 +29,22 @@ class CLIPImageTransform:
 
     def __init__(self, image_processor: Any):
         p = image_processor
-        self.resize_shortest_edge = _size_field(p.size, "shortest_edge") if p.do_resize else None
-        self.resize_to = (_size_field(p.size, "height"), _size_field(p.size, "width")) if p.do_resize else None
-        if p.do_resize and not self.resize_shortest_edge and not all(self.resize_to):
-            raise InputError(f"the image processor's size {p.size} is neither a shortest edge nor height and width")
+        self.shortest_edge = _size_field(p.size, "shortest_edge") if p.do_resize else None
+        if p.do_resize and not self.shortest_edge:
+            raise InputError(f"the image processor resizes to {p.size}; CLIP's resize the shortest edge, and only those are supported")
         self.crop = (_size_field(p.crop_size, "height"), _size_field(p.crop_size, "width")) if p.do_center_crop else None
         self.resample = Image.Resampling(int(p.resample))
-        scale = p.rescale_factor if p.do_rescale else 1.0
+        self.scale = float(p.rescale_factor) if p.do_rescale else 1.0
         mean = p.image_mean if p.do_normalize else (0.0, 0.0, 0.0)
         std = p.image_std if p.do_normalize else (1.0, 1.0, 1.0)
-        self.scale = float(scale)
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
 
     def to_uint8(self, image: Image.Image) -> np.ndarray:
         """One image, resized and cropped: uint8, channels first."""
         image = image.convert("RGB")  # as FusionBench does, before the processor
-        if self.resize_shortest_edge:
-            image = image.resize(_shortest_edge_size(image.size, self.resize_shortest_edge), resample=self.resample)
-        elif self.resize_to:
-            height, width = self.resize_to
-            image = image.resize((width, height), resample=self.resample)
+        if self.shortest_edge:
+            image = image.resize(_shortest_edge_size(image.size, self.shortest_edge), resample=self.resample)
         array = np.asarray(image)
         if self.crop:
             array = _center_crop(array, *self.crop)
