@@ -94,7 +94,9 @@ def reference(python: str, method: str, folders: dict[str, Path], save_to: Path)
         merged = {REFERENCE_CLASSES[method]}.run(pool)
         save_file({{k: v.contiguous() for k, v in merged.state_dict().items()}}, {str(save_to)!r})
     """)
-    return measure([python, "-c", script])
+    # -I: with -c, Python puts the working directory first on sys.path, and from this repository
+    # `import fusion_bench` would then load ours instead of the reference.
+    return measure([python, "-I", "-c", script])
 
 
 def max_difference(ours_folder: Path, reference_file: Path) -> float:
