@@ -20,6 +20,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from fusion_bench.cache import cache_dir
+
 N_TASKS = 8
 METHODS = ("simple_average", "task_arithmetic", "ties_merging")
 REFERENCE_CLASSES = {
@@ -28,10 +30,6 @@ REFERENCE_CLASSES = {
     "ties_merging": "TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func='sum')",
 }
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("FUSION_BENCH_CACHE", Path.home() / ".cache" / "fusion_bench")) / "benchmarks"
 
 
 def write_pool(root: Path) -> dict[str, Path]:
@@ -96,7 +94,9 @@ def reference(python: str, method: str, folders: dict[str, Path], save_to: Path)
         merged = {REFERENCE_CLASSES[method]}.run(pool)
         save_file({{k: v.contiguous() for k, v in merged.state_dict().items()}}, {str(save_to)!r})
     """)
-    return measure([python, "-c", script])
+    # -I: with -c, Python puts the working directory first on sys.path, and from this repository
+    # `import fusion_bench` would then load ours instead of the reference.
+    return measure([python, "-I", "-c", script])
 
 
 def max_difference(ours_folder: Path, reference_file: Path) -> float:
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
     args = parser.parse_args()
-    folders = write_pool(cache_dir() / "clip-vit-base-patch32-random")
+    folders = write_pool(cache_dir("benchmarks", "clip-vit-base-patch32-random"))
     python = None
     if not args.no_reference:
         python = subprocess.run([str(REPO.parent / "shared" / "tools" / "reference-venv.sh")], capture_output=True, text=True, check=True).stdout.strip()

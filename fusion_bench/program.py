@@ -48,6 +48,7 @@ class FusionProgram:
         method = instantiate_checked(self.configs["method"], "method")
         modelpool = instantiate_checked(self.configs["modelpool"], "modelpool")
         taskpool = instantiate_checked(self.configs["taskpool"], "taskpool")
+        taskpool.check_modelpool(modelpool)
 
         start = time.perf_counter()
         merged = method.run(modelpool)

@@ -6,10 +6,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# The models here are tiny: one thread beats several, and on a shared machine several threads can
+# wait out each other's time slices (a 20× slowdown seen). Set before torch starts, for CLI runs too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+pytest_plugins = ["tests.clip_fixtures"]  # the tiny CLIP model, towers and image datasets
 
 TASKS = ("alpha", "beta", "gamma")
 

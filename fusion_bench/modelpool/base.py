@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fusion_bench.dataset_loading import load_dataset_spec
 from fusion_bench.errors import InputError
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, ModuleStateDict
 
@@ -99,6 +100,35 @@ class BaseModelPool:
 
     def load_pretrained_or_first_model(self) -> nn.Module:
         return self.load_model(PRETRAINED if self.has_pretrained else self.model_names[0])
+
+    @property
+    def train_dataset_names(self) -> list[str]:
+        return list(self._train_datasets or {})
+
+    @property
+    def val_dataset_names(self) -> list[str]:
+        return list(self._val_datasets or {})
+
+    @property
+    def test_dataset_names(self) -> list[str]:
+        return list(self._test_datasets or {})
+
+    def load_train_dataset(self, name: str) -> Any:
+        """Datasets load on demand, like models; a bare hub id or folder gives its train split."""
+        return _load_dataset(self._train_datasets, "train", name)
+
+    def load_val_dataset(self, name: str) -> Any:
+        return _load_dataset(self._val_datasets, "validation", name)
+
+    def load_test_dataset(self, name: str) -> Any:
+        return _load_dataset(self._test_datasets, "test", name)
+
+
+def _load_dataset(datasets: Mapping[str, Any] | None, split: str, name: str) -> Any:
+    if not datasets or name not in datasets:
+        known = ", ".join(datasets or {}) or "none"
+        raise InputError(f"the model pool has no {split} dataset {name!r}; it has: {known}")
+    return load_dataset_spec(name, datasets[name], split)
 
 
 def as_modelpool(pool: "BaseModelPool | Mapping[str, nn.Module]") -> BaseModelPool:

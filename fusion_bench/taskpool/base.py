@@ -16,5 +16,9 @@ class BaseTaskPool:
 
     uses_fabric = False
 
+    def check_modelpool(self, modelpool: Any) -> None:
+        """Raise InputError if the pool's models cannot be scored here. The program calls this
+        before merging, so a mismatch costs no merge; the default accepts any pool."""
+
     def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         raise NotImplementedError

@@ -1,0 +1,231 @@
+"""Zero-shot image classification with CLIP: the merged vision tower, the base model's text tower."""
+
+import os
+from collections.abc import Mapping
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from fusion_bench.cache import cache_dir
+from fusion_bench.dataset_loading import load_dataset_spec
+from fusion_bench.errors import InputError
+from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
+from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
+from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, evaluation_indices
+from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
+from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_head, head_key, text_tower_digest
+from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
+
+# The tokenizer runs (for heads) before DataLoader workers fork; tokenizers would warn at every fork
+# and turn its threads off anyway.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_DATALOADER_DEFAULTS = {"batch_size": 128, "num_workers": 8, "pin_memory": True, "prefetch_factor": 2}
+_DATALOADER_FIXED = {"shuffle": False, "drop_last": False}  # accepted as in FusionBench's YAML; other values change the metrics
+
+
+class CLIPVisionModelTaskPool(BaseTaskPool):
+    """Scores a CLIP vision tower on image classification tasks, zero-shot.
+
+    The tower replaces the vision tower of `base_model`, a full CLIPModel (hub id or folder; or
+    `clip_model` and `processor` as FusionBench configs them). Each task's head is its class names
+    in its prompt templates through the text tower (`fusion_bench.tasks.clip_classification`),
+    computed once and cached on disk. Per task: accuracy, and cross-entropy averaged over samples.
+
+    test_datasets: task name → dataset (`_target_` config, hub id, folder or dataset object) with
+        columns `image` and `label`.
+    dataloader_kwargs: batch_size, num_workers, pin_memory, prefetch_factor.
+    fast_dev_run: score one batch per task. max_samples: score at most this many images per task,
+        drawn at random with a fixed seed.
+    """
+
+    uses_fabric = True
+
+    def __init__(
+        self,
+        test_datasets: Mapping[str, Any],
+        *,
+        base_model: str = "openai/clip-vit-base-patch32",
+        clip_model: str | Mapping[str, Any] | None = None,
+        processor: str | Mapping[str, Any] | None = None,
+        dataloader_kwargs: Mapping[str, Any] | None = None,
+        fast_dev_run: bool = False,
+        max_samples: int | None = None,
+    ):
+        if not test_datasets:
+            raise InputError("the task pool has no test_datasets; list them as <task>: <dataset>")
+        self._test_datasets = dict(test_datasets.items())
+        self.tasks: dict[str, ClassificationTask] = {name: classification_task(name) for name in self._test_datasets}
+        self._clip_spec = _plain(clip_model) if clip_model is not None else base_model
+        self._base_name = self._clip_spec if isinstance(self._clip_spec, str) else base_model  # for messages
+        self._processor_spec = _plain(processor) if processor is not None else base_model
+        self.dataloader_kwargs = _check_dataloader_kwargs(_plain(dataloader_kwargs) or {})
+        if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
+            raise InputError(f"max_samples={max_samples!r} must be a positive integer, or null for every sample")
+        self.fast_dev_run = bool(fast_dev_run)
+        self.max_samples = max_samples
+        self.head_cache = HeadCache(cache_dir("clip_zeroshot_heads"))
+        self._clip: nn.Module | None = None
+        self._processor: Any = None
+        self._text_digest: str | None = None
+        self._heads: dict[str, Tensor] = {}
+        self._datasets: dict[str, Any] = {}
+
+    def check_modelpool(self, modelpool: BaseModelPool) -> None:
+        """Before merging: the pool's base tower must fit `base_model` (read from config files only)."""
+        if not isinstance(self._clip_spec, str):
+            return  # a clip_model built by a config: checked on the merged model
+        base = _read_config(self._clip_spec, "base_model")
+        if base is None or base.model_type != "clip":
+            raise InputError(f"the task pool's base_model {self._clip_spec!r} is not a CLIP model; name a CLIPModel's hub id or folder")
+        name = PRETRAINED if modelpool.has_pretrained else modelpool.model_names[0]
+        spec = modelpool.model_spec(name)
+        if isinstance(spec, nn.Module):
+            tower = getattr(spec, "config", None)
+        elif isinstance(spec, str) and not spec.endswith(".safetensors"):
+            tower = _read_config(spec, f"model {name!r}")
+        else:
+            return
+        tower = tower.vision_config if getattr(tower, "model_type", None) == "clip" else tower
+        check_tower_fits(tower, base.vision_config, self._base_name, what=f"the pool's model {name!r}")
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+        clip = self._load_clip()
+        check_tower_fits(getattr(model, "config", None), clip.config.vision_config, self._base_name)
+        device = fabric.device if fabric is not None else torch.device("cpu")
+        model.eval()
+        tower = model.to(device)
+        projection = clip.visual_projection.to(device)
+        logit_scale = clip.logit_scale.exp().to(device)
+        transform = CLIPImageTransform(self._load_processor().image_processor)
+        autocast = fabric.autocast if fabric is not None else nullcontext
+        results = {}
+        for task in self.tasks:
+            head = self.head(task, device)
+            batches = ImageBatches(self.dataset(task), self._indices(task), self.dataloader_kwargs["batch_size"], transform)
+            correct = torch.zeros((), dtype=torch.long, device=device)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            with tqdm(total=len(batches.indices), desc=task, unit="img", leave=False) as bar:
+                for images, labels in self._loader(batches, device):
+                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                    with autocast():
+                        pooled = tower(pixel_values=transform.normalize(images)).pooler_output
+                        embeddings = projection(pooled)
+                    logits = logit_scale * F.normalize(embeddings.float(), dim=-1) @ head.T
+                    loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+                    correct += (logits.argmax(dim=-1) == labels).sum()
+                    bar.update(len(labels))
+            samples = len(batches.indices)
+            results[task] = {"accuracy": correct.item() / samples, "loss": loss_sum.item() / samples}
+        return results
+
+    def head(self, task: str, device: torch.device) -> Tensor:
+        """Task `task`'s zero-shot head on `device`: from memory, else the disk cache, else computed."""
+        if task not in self._heads:
+            clip, tokenizer = self._load_clip(), self._load_processor().tokenizer
+            if self._text_digest is None:
+                self._text_digest = text_tower_digest(clip, tokenizer)
+            key = head_key(self._text_digest, self.tasks[task])
+            head = self.head_cache.load(key)
+            if head is None:
+                clip.text_model.to(device)
+                clip.text_projection.to(device)
+                head = compute_head(clip, tokenizer, self.tasks[task], device, description=task)
+                self.head_cache.save(key, head, {"task": task, "base_model": self._base_name})
+            self._heads[task] = head
+        return self._heads[task].to(device)
+
+    def dataset(self, task: str) -> Any:
+        """The test dataset of `task`, loaded once and checked against the task's classes."""
+        if task not in self._datasets:
+            dataset = load_dataset_spec(task, self._test_datasets[task], "test")
+            columns = getattr(dataset, "column_names", None)
+            if isinstance(columns, dict):  # a DatasetDict: load_dataset without `split`
+                raise InputError(f"the test dataset of {task!r} has splits {', '.join(columns)}; choose one, e.g. split: test")
+            if columns is not None and not {"image", "label"} <= set(columns):
+                raise InputError(f"the test dataset of {task!r} has columns {columns}; it needs `image` and `label`")
+            label = getattr(dataset, "features", {}).get("label") if columns is not None else None
+            classes = len(self.tasks[task].classnames)
+            if getattr(label, "num_classes", classes) != classes:
+                raise InputError(
+                    f"the test dataset of {task!r} has {label.num_classes} classes, but task {task!r} has {classes} class names; "
+                    "is it that task's dataset?"
+                )
+            if len(dataset) == 0:
+                raise InputError(f"the test dataset of {task!r} is empty")
+            self._datasets[task] = dataset
+        return self._datasets[task]
+
+    def _indices(self, task: str) -> list[int]:
+        indices = evaluation_indices(len(self.dataset(task)), self.max_samples)
+        return indices[: self.dataloader_kwargs["batch_size"]] if self.fast_dev_run else indices
+
+    def _loader(self, batches: ImageBatches, device: torch.device) -> DataLoader:
+        workers = min(self.dataloader_kwargs["num_workers"], len(batches))  # no idle workers for small tasks
+        return DataLoader(
+            batches,
+            batch_size=None,  # each item is a whole batch
+            num_workers=workers,
+            pin_memory=self.dataloader_kwargs["pin_memory"] and device.type == "cuda",
+            prefetch_factor=self.dataloader_kwargs["prefetch_factor"] if workers else None,
+        )
+
+    def _load_clip(self) -> nn.Module:
+        if self._clip is None:
+            clip = _load_pretrained(self._clip_spec, "transformers.CLIPModel", "base_model").eval().requires_grad_(False)
+            clip.vision_model = None  # the merged tower stands in for it; free its memory (1.2 GB for ViT-L/14)
+            self._clip = clip
+        return self._clip
+
+    def _load_processor(self) -> Any:
+        if self._processor is None:
+            self._processor = _load_pretrained(self._processor_spec, "transformers.CLIPProcessor", "processor")
+        return self._processor
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+
+
+def _check_dataloader_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
+    for key, value in given.items():
+        if key in _DATALOADER_FIXED and value != _DATALOADER_FIXED[key]:
+            raise InputError(f"dataloader_kwargs.{key}={value!r} would change the metrics; evaluation uses {key}={_DATALOADER_FIXED[key]}")
+        if key not in _DATALOADER_FIXED and key not in _DATALOADER_DEFAULTS:
+            raise InputError(f"dataloader_kwargs has an unknown key {key!r}; its keys are: {', '.join(_DATALOADER_DEFAULTS)}")
+    kwargs = {**_DATALOADER_DEFAULTS, **{k: v for k, v in given.items() if k in _DATALOADER_DEFAULTS}}
+    if not isinstance(kwargs["batch_size"], int) or kwargs["batch_size"] < 1:
+        raise InputError(f"dataloader_kwargs.batch_size={kwargs['batch_size']!r} must be a positive integer")
+    if not isinstance(kwargs["num_workers"], int) or kwargs["num_workers"] < 0:
+        raise InputError(f"dataloader_kwargs.num_workers={kwargs['num_workers']!r} must be 0 (load in this process) or more")
+    return kwargs
+
+
+def _load_pretrained(spec: Any, class_path: str, key: str) -> Any:
+    """A `_target_` config, or a hub id or folder loaded with `class_path`.from_pretrained."""
+    if isinstance(spec, Mapping):
+        return instantiate(spec)
+    try:
+        return get_class(class_path).from_pretrained(spec)
+    except OSError as error:
+        raise InputError(f"the task pool's {key} {spec!r} cannot be loaded ({str(error).splitlines()[0]}); check the hub id or folder") from error
+
+
+def _read_config(spec: str, what: str) -> Any:
+    """The transformers config of a hub id or folder (config.json only, no weights)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(spec)
+    except OSError as error:
+        raise InputError(f"{what} {spec!r} has no readable config ({str(error).splitlines()[0]}); check the hub id or folder") from error
+    except ValueError:  # a config.json that is no transformers model
+        return None
