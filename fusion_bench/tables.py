@@ -69,7 +69,7 @@ def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", norm
         scores = {task: values[metric] for task, values in report["tasks"].items() if metric in values}
         if method["_target_"].endswith("DummyAlgorithm") and method.get("model_name"):
             row = individual.setdefault(split, Row(INDIVIDUAL, None, split, 1))
-            row.scores.update({task: score for task, score in scores.items() if task == method["model_name"]})
+            row.scores.update({task: score for task, score in scores.items() if is_model_of_task(method["model_name"], task)})
             continue
         group, scaling_factor = describe_method(method)
         key = (group, scaling_factor, split, tuple(sorted(scores)))
@@ -88,6 +88,12 @@ def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", norm
                 raise InputError(f"normalised scores need the individual model's {row.split} score on {missing[0]!r}; run method=dummy method.model_name={missing[0]}{split}")
             row.scores = {task: score / baseline[task] for task, score in row.scores.items()}
     return result
+
+
+def is_model_of_task(model_name: str, task: str) -> bool:
+    """The pools name a task's model after the task, alone or as a suffix: `reuters8`, or
+    `glue-cola` (FusionBench's Flan-T5 names) for the GLUE task `cola`."""
+    return model_name == task or model_name.endswith(("-" + task, "_" + task))
 
 
 def split_of(report: dict) -> str:

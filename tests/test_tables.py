@@ -47,6 +47,16 @@ def test_rows_name_methods_by_what_differs_from_their_defaults(reports):
     assert rows["Task Arithmetic, λ=0.5"].average == pytest.approx(0.575)
 
 
+def test_individual_models_may_carry_a_prefix_before_their_task():
+    """FusionBench's Flan-T5 pools name the GLUE task `cola`'s model `glue-cola`."""
+    reports = [
+        report({"_target_": DUMMY, "model_name": "glue-cola"}, {"cola": 0.7, "rte": 0.5}, models=("glue-cola", "glue-rte")),
+        report({"_target_": DUMMY, "model_name": "glue-rte"}, {"cola": 0.6, "rte": 0.8}, models=("glue-cola", "glue-rte")),
+    ]
+    (individual,) = rows_from_reports(reports)
+    assert individual.label == INDIVIDUAL and individual.scores == {"cola": 0.7, "rte": 0.8}
+
+
 def test_normalised_scores_divide_by_the_individual_models(reports):
     test_reports = [r for r in reports if r["config"]["taskpool"]["split"] == "test"]
     rows = {row.label: row for row in rows_from_reports(test_reports, normalized=True)}
