@@ -9,17 +9,12 @@ set -euo pipefail
 out=${1:-outputs/reproduce/clip_ta8}
 shift || true
 sizes=${*:-b32 l14}
-fb=${FUSION_BENCH:-fusion_bench}
 report=${FUSION_BENCH_REPORT:-fusion_bench_report}
 lambdas=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0
 tasks=sun397,stanford-cars,resisc45,eurosat,svhn,gtsrb,mnist,dtd
 
-sweep() {  # sweep <directory> <overrides...>: one Hydra multirun, skipped if already complete
-  local dir=$1; shift
-  if [ -f "$dir/.done" ]; then return; fi
-  "$fb" --multirun "hydra.sweep.dir=$dir" "$@"
-  touch "$dir/.done"
-}
+# shellcheck source=scripts/reproduce/sweep.sh
+source "$(dirname "$0")/sweep.sh"
 
 for size in $sizes; do
   case $size in

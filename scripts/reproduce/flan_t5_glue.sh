@@ -11,17 +11,12 @@ set -euo pipefail
 out=${1:-outputs/reproduce/flan_t5_glue}
 shift || true
 sizes=${*:-base large}
-fb=${FUSION_BENCH:-fusion_bench}
 report=${FUSION_BENCH_REPORT:-fusion_bench_report}
 lambdas=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0
 models=glue-cola,glue-mnli,glue-mrpc,glue-qnli,glue-qqp,glue-rte,glue-sst2,glue-stsb
 
-sweep() {  # sweep <directory> <overrides...>: one Hydra multirun, skipped if already complete
-  local dir=$1; shift
-  if [ -f "$dir/.done" ]; then return; fi
-  "$fb" --multirun "hydra.sweep.dir=$dir" "$@"
-  touch "$dir/.done"
-}
+# shellcheck source=scripts/reproduce/sweep.sh
+source "$(dirname "$0")/sweep.sh"
 
 for size in $sizes; do
   case $size in

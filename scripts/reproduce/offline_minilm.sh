@@ -12,19 +12,15 @@ fb=${FUSION_BENCH:-fusion_bench}
 lambdas=0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0
 tasks=newsgroups,newsgroup_hierarchies,reuters8,reuters52,election_tweets,movie_review_sentiment,movie_plot_or_review,debate_party
 
-sweep() {  # sweep <directory> <overrides...>: one Hydra multirun, skipped if already complete
-  local dir=$1; shift
-  if [ -f "$dir/.done" ]; then return; fi
-  "$fb" --multirun "hydra.sweep.dir=$dir" "$@"
-  touch "$dir/.done"
-}
+# shellcheck source=scripts/reproduce/sweep.sh
+source "$(dirname "$0")/sweep.sh"
 
 for seed in $seeds; do
   s="$out/seed$seed"
   "$fb" --config-name finetune "modelpool.seed=$seed" "hydra.run.dir=$s/finetune"
   common=("modelpool.seed=$seed")
   sweep "$s/zero_shot" "${common[@]}" method=dummy
-  sweep "$s/individual" "${common[@]}" method=dummy "method.model_name=$tasks"
+  sweep "$s/individual" "${common[@]}" method=dummy "method.model_name=$tasks" 'taskpool.tasks=[${method.model_name}]' taskpool.split=validation,test
   sweep "$s/simple_average" "${common[@]}" method=simple_average taskpool.split=validation,test
   sweep "$s/task_arithmetic" "${common[@]}" method=task_arithmetic "method.scaling_factor=$lambdas" taskpool.split=validation,test
   sweep "$s/ties_sum" "${common[@]}" method=ties_merging "method.scaling_factor=$lambdas" taskpool.split=validation,test
@@ -32,7 +28,7 @@ for seed in $seeds; do
 done
 
 s="$out/seed0"
-sweep "$s/ablations" method=ties_merging "method.scaling_factor=$lambdas" "method.threshold=20,100" "method.elect=true,false"
+sweep "$s/ablations" method=ties_merging method.scaling_factor=0.2,0.4,0.6,0.8,1.0 "method.threshold=20,100" "method.elect=true,false"
 subsets="choice([newsgroups,reuters8],[newsgroups,reuters8,election_tweets,debate_party],[newsgroups,reuters8,election_tweets,debate_party,movie_review_sentiment,reuters52])"
 sweep "$s/scaling_average" method=simple_average "modelpool.tasks=$subsets" 'taskpool.tasks=${modelpool.tasks}'
 sweep "$s/scaling" method=task_arithmetic,ties_merging "method.scaling_factor=0.3,0.5,0.7,1.0" "modelpool.tasks=$subsets" 'taskpool.tasks=${modelpool.tasks}'
