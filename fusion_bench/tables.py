@@ -36,12 +36,14 @@ class Row:
     split: str
     n_models: int
     scores: dict[str, float] = field(default_factory=dict)
-    best: bool = False  # the best λ of its group (or the one chosen on validation)
-    chosen_on: str | None = None
+    best: bool = False  # the best λ of its group on this split
+    chosen_on: str | None = None  # the split its λ was chosen on, when that was another split
 
     @property
     def label(self) -> str:
-        return self.group if self.scaling_factor is None else f"{self.group}, λ={self.scaling_factor:g}"
+        if self.scaling_factor is None:
+            return self.group
+        return f"{self.group}, λ={self.scaling_factor:g}" + (f" (chosen on {self.chosen_on})" if self.chosen_on else "")
 
     @property
     def average(self) -> float:
@@ -77,7 +79,8 @@ def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", norm
             rows[key].scores.update(scores)
         else:
             rows[key] = Row(group, scaling_factor, split, n_models, scores)
-    result = list(individual.values()) + list(rows.values())
+    zero_shot = [row for row in rows.values() if row.group == ZERO_SHOT]
+    result = zero_shot + list(individual.values()) + [row for row in rows.values() if row.group != ZERO_SHOT]  # the papers' order
     if normalized:
         baselines = {split: dict(row.scores) for split, row in individual.items()}  # before they become 1s
         for row in result:
@@ -117,7 +120,8 @@ def describe_method(method: dict) -> tuple[str, float | None]:
 
 def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
     """Mark each group's best λ by average. With select_on="validation", keep the test rows whose
-    λ was best on validation (the paper's protocol) and drop the rest."""
+    λ was best on validation (the paper's protocol) and drop the rest; none is marked best then,
+    each being its method's one row, and the label says where its λ was chosen."""
     groups: dict[str, list[Row]] = {}
     for row in rows:
         groups.setdefault(row.group, []).append(row)
@@ -128,7 +132,7 @@ def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
             winner = max(judged, key=lambda r: r.average)
             chosen = [r for r in group_rows if r.split == "test" and r.scaling_factor == winner.scaling_factor]
             for row in chosen:
-                row.best, row.chosen_on = True, winner.split
+                row.chosen_on = winner.split if winner.scaling_factor is not None and winner.split != row.split else None
             kept += chosen or [winner]
         else:
             test_rows = [r for r in group_rows if r.split == "test"] or group_rows
