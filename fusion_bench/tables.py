@@ -79,8 +79,10 @@ def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", norm
             rows[key].scores.update(scores)
         else:
             rows[key] = Row(group, scaling_factor, split, n_models, scores)
-    zero_shot = [row for row in rows.values() if row.group == ZERO_SHOT]
-    result = zero_shot + list(individual.values()) + [row for row in rows.values() if row.group != ZERO_SHOT]  # the papers' order
+    # the papers' order: pretrained, fine-tuned, then each method (in the order first met) by λ
+    groups = list(dict.fromkeys(row.group for row in rows.values()))
+    methods = sorted((row for row in rows.values() if row.group != ZERO_SHOT), key=lambda row: (groups.index(row.group), row.split, row.scaling_factor or 0.0))
+    result = [row for row in rows.values() if row.group == ZERO_SHOT] + list(individual.values()) + methods
     if normalized:
         baselines = {split: dict(row.scores) for split, row in individual.items()}  # before they become 1s
         for row in result:

@@ -57,6 +57,12 @@ def test_individual_models_may_carry_a_prefix_before_their_task():
     assert individual.label == INDIVIDUAL and individual.scores == {"cola": 0.7, "rte": 0.8}
 
 
+def test_rows_come_in_the_papers_order_each_method_by_lambda(reports):
+    shuffled = [reports[i] for i in (4, 3, 1, 5, 0, 2)]  # sweeps list runs 0, 1, 10, 11, ..., 2
+    labels = [row.label for row in rows_from_reports(shuffled)]
+    assert labels == [ZERO_SHOT, INDIVIDUAL, "Task Arithmetic, λ=0.3", "Task Arithmetic, λ=0.5", "TIES (merge_func=mean), λ=0.5"]
+
+
 def test_normalised_scores_divide_by_the_individual_models(reports):
     test_reports = [r for r in reports if r["config"]["taskpool"]["split"] == "test"]
     rows = {row.label: row for row in rows_from_reports(test_reports, normalized=True)}
