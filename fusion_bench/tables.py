@@ -81,7 +81,7 @@ def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", norm
             rows[key] = Row(group, scaling_factor, split, n_models, scores)
     # the papers' order: pretrained, fine-tuned, then each method (in the order first met) by λ
     groups = list(dict.fromkeys(row.group for row in rows.values()))
-    methods = sorted((row for row in rows.values() if row.group != ZERO_SHOT), key=lambda row: (groups.index(row.group), row.split, row.scaling_factor or 0.0))
+    methods = sorted((row for row in rows.values() if row.group != ZERO_SHOT), key=lambda row: (groups.index(row.group), row.split, row.n_models, row.scaling_factor or 0.0))
     result = [row for row in rows.values() if row.group == ZERO_SHOT] + list(individual.values()) + methods
     if normalized:
         baselines = {split: dict(row.scores) for split, row in individual.items()}  # before they become 1s
@@ -121,12 +121,12 @@ def describe_method(method: dict) -> tuple[str, float | None]:
 
 
 def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
-    """Mark each group's best λ by average. With select_on="validation", keep the test rows whose
+    """Mark each group's best λ by average (per number of merged tasks). With select_on="validation", keep the test rows whose
     λ was best on validation (the paper's protocol) and drop the rest; none is marked best then,
     each being its method's one row, and the label says where its λ was chosen."""
-    groups: dict[str, list[Row]] = {}
+    groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
-        groups.setdefault(row.group, []).append(row)
+        groups.setdefault((row.group, row.n_models), []).append(row)
     kept = []
     for group_rows in groups.values():
         if select_on:
@@ -147,11 +147,16 @@ def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
 def render(rows: Sequence[Row], fmt: str = "markdown", *, percent: bool = True) -> str:
     tasks = list(dict.fromkeys(task for row in rows for task in row.scores))
     header = ["method", *tasks, "average"]
+    is_merge = lambda row: row.group not in (ZERO_SHOT, INDIVIDUAL)  # noqa: E731
+    mixed = len({row.n_models for row in rows if is_merge(row)}) > 1  # a scaling table: say how many tasks each row merged
+
+    def label(row: Row) -> str:
+        return f"{row.label} [{row.n_models} tasks]" if mixed and is_merge(row) else row.label
 
     def cell(value: float | None) -> str:
         return "" if value is None or math.isnan(value) else f"{100 * value:.1f}" if percent else f"{value:.3f}"
 
-    body = [[row.label + (" *" if row.best and fmt == "csv" else ""), *(cell(row.scores.get(t)) for t in tasks), cell(row.average)] for row in rows]
+    body = [[label(row) + (" *" if row.best and fmt == "csv" else ""), *(cell(row.scores.get(t)) for t in tasks), cell(row.average)] for row in rows]
     if fmt == "csv":
         out = io.StringIO()
         csv.writer(out).writerows([header, *body])

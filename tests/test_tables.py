@@ -63,6 +63,18 @@ def test_rows_come_in_the_papers_order_each_method_by_lambda(reports):
     assert labels == [ZERO_SHOT, INDIVIDUAL, "Task Arithmetic, λ=0.3", "Task Arithmetic, λ=0.5", "TIES (merge_func=mean), λ=0.5"]
 
 
+def test_a_scaling_table_names_how_many_tasks_each_row_merged():
+    reports = [
+        report({"_target_": TA, "scaling_factor": 0.3}, {"alpha": 0.6, "beta": 0.4}),
+        report({"_target_": TA, "scaling_factor": 0.5}, {"alpha": 0.7, "beta": 0.5}),
+        report({"_target_": TA, "scaling_factor": 0.3}, {"alpha": 0.9}, models=("alpha",)),
+    ]
+    rows = mark_best(rows_from_reports(reports))
+    assert [row.best for row in rows] == [False, False, True]  # the best of the two-task rows; a lone row is not marked
+    lines = render(rows).splitlines()[2:]
+    assert [line.split(" | ")[0] for line in lines] == ["| Task Arithmetic, λ=0.3 [1 tasks]", "| Task Arithmetic, λ=0.3 [2 tasks]", "| **Task Arithmetic, λ=0.5 [2 tasks]**"]
+
+
 def test_normalised_scores_divide_by_the_individual_models(reports):
     test_reports = [r for r in reports if r["config"]["taskpool"]["split"] == "test"]
     rows = {row.label: row for row in rows_from_reports(test_reports, normalized=True)}
