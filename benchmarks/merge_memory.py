@@ -1,18 +1,21 @@
 """Time and peak memory of merging 8 ViT-B/32 vision towers, beside the reference FusionBench.
 
-    python benchmarks/merge_memory.py [--methods ties_merging ...] [--no-reference]
+    python benchmarks/merge_memory.py [--methods ties_merging ...] [--repeats 3] [--no-reference]
 
 Writes 9 random CLIPVisionModel checkpoints of ViT-B/32 size once (cached under
 $FUSION_BENCH_CACHE or ~/.cache/fusion_bench), in the transformers 4.x layout of the hub models so
 the reference (which needs transformers<5) reads the same files. Each measurement is a fresh
 process, timed whole (imports included); peak RSS is the child's ru_maxrss. The reference runs in
 its own venv, made by ../shared/tools/reference-venv.sh, with the merged weights saved so the
-table can show the largest difference from ours.
+table can show the largest difference from ours. Each number is the median of --repeats runs, each
+started with the checkpoints in the page cache: the reference's TIES takes ~21 GB and evicts them,
+which would otherwise slow whichever run comes next.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,22 @@ def write_pool(root: Path) -> dict[str, Path]:
         weights = pretrained if i == 0 else {k: v + 1e-3 * torch.randn(v.shape, generator=generator) for k, v in pretrained.items()}
         save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folders
+
+
+def warm_page_cache(folders: dict[str, Path]) -> None:
+    for folder in folders.values():
+        with open(folder / "model.safetensors", "rb") as file:
+            while file.read(1 << 26):
+                pass
+
+
+def median_of(repeats: int, folders: dict[str, Path], run) -> tuple[float, float]:
+    """Median seconds and median peak RSS of `repeats` calls of run(), each from a warm page cache."""
+    results = []
+    for _ in range(repeats):
+        warm_page_cache(folders)
+        results.append(run())
+    return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
 def measure(command: list[str], env: dict | None = None) -> tuple[float, float]:
@@ -111,6 +130,7 @@ def max_difference(ours_folder: Path, reference_file: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
     args = parser.parse_args()
     folders = write_pool(cache_dir("benchmarks", "clip-vit-base-patch32-random"))
@@ -121,15 +141,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for method in args.methods:
-            seconds, rss = ours(method, folders, tmp / method)
+            seconds, rss = median_of(args.repeats, folders, lambda: ours(method, folders, tmp / method))
             row = {"method": method, "ours_s": seconds, "ours_rss": rss}
             if python:
                 ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")
-                row["ref_s"], row["ref_rss"] = reference(python, method, folders, tmp / f"{method}-ref.safetensors")
+                reference_run = lambda: reference(python, method, folders, tmp / f"{method}-ref.safetensors")  # noqa: E731
+                row["ref_s"], row["ref_rss"] = median_of(args.repeats, folders, reference_run)
                 row["max_diff"] = max_difference(tmp / f"{method}-merged", tmp / f"{method}-ref.safetensors")
             rows.append(row)
             print(json.dumps(row), file=sys.stderr)
-    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores\n")
+    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores, median of {args.repeats} runs\n")
     print("| method | fusion_bench time | fusion_bench peak RSS | reference time | reference peak RSS | max abs difference |")
     print("|---|---|---|---|---|---|")
     for r in rows:
