@@ -121,9 +121,10 @@ def describe_method(method: dict) -> tuple[str, float | None]:
 
 
 def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
-    """Mark each group's best λ by average (per number of merged tasks). With select_on="validation", keep the test rows whose
-    λ was best on validation (the paper's protocol) and drop the rest; none is marked best then,
-    each being its method's one row, and the label says where its λ was chosen."""
+    """Mark each group's best λ by average, per number of merged tasks. With select_on="validation",
+    keep the test rows whose λ was best on validation (the paper's protocol) and drop the rest;
+    none is marked best then, each being its method's one row, and the label says where its λ was
+    chosen."""
     groups: dict[tuple[str, int], list[Row]] = {}
     for row in rows:
         groups.setdefault((row.group, row.n_models), []).append(row)
@@ -147,7 +148,10 @@ def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:
 def render(rows: Sequence[Row], fmt: str = "markdown", *, percent: bool = True) -> str:
     tasks = list(dict.fromkeys(task for row in rows for task in row.scores))
     header = ["method", *tasks, "average"]
-    is_merge = lambda row: row.group not in (ZERO_SHOT, INDIVIDUAL)  # noqa: E731
+
+    def is_merge(row: Row) -> bool:
+        return row.group not in (ZERO_SHOT, INDIVIDUAL)
+
     mixed = len({row.n_models for row in rows if is_merge(row)}) > 1  # a scaling table: say how many tasks each row merged
 
     def label(row: Row) -> str:
