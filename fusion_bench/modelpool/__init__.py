@@ -1,10 +1,24 @@
-"""Model pools: where models come from, handed out whole or as lazy state dicts."""
+"""Model pools: where models come from, handed out whole or as lazy state dicts.
 
-from fusion_bench.modelpool.base import BaseModelPool
-from fusion_bench.modelpool.clip_vision import CLIPVisionModelPool
-from fusion_bench.modelpool.huggingface import AutoModelPool
-from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
-from fusion_bench.modelpool.offline_text import OfflineTextPool
-from fusion_bench.modelpool.seq2seq_lm import Seq2SeqLMPool
+Each pool's module is imported when the pool is first named (PEP 562): the offline pool brings
+fine-tuning and `datasets` with it, about a second of imports that merging local checkpoints never
+needs.
+"""
 
-__all__ = ["AutoModelPool", "BaseModelPool", "CLIPVisionModelPool", "LazyStateDict", "OfflineTextPool", "Seq2SeqLMPool"]
+import importlib
+
+_MODULES = {
+    "AutoModelPool": "huggingface",
+    "BaseModelPool": "base",
+    "CLIPVisionModelPool": "clip_vision",
+    "LazyStateDict": "lazy_state_dict",
+    "OfflineTextPool": "offline_text",
+    "Seq2SeqLMPool": "seq2seq_lm",
+}
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
