@@ -25,6 +25,16 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def file_digest(path: Path) -> str:
+    """A short hash of a file's bytes, for keys that must survive reinstalling it (a new venv
+    moves the packaged model and changes its mtime, not its contents)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def build_once(path: Path, build: Callable[[Path], None]) -> Path:
     """`path`, made by build(staging_directory) unless it exists already."""
     if path.exists():

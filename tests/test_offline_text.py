@@ -107,6 +107,24 @@ def test_heads_are_built_once(monkeypatch):
     assert head.shape == (2, 384) and torch.allclose(head.norm(dim=1), torch.ones(2))
 
 
+def test_cached_models_and_heads_survive_reinstalling_the_packages(tmp_path, monkeypatch):
+    """A fresh venv moves the packaged MiniLM and renews its mtime: the cache keys must not change,
+    or each new environment would fine-tune the eight models again."""
+    import shutil
+
+    import fusion_bench.modelpool.offline_text as pool_module
+
+    pool, tasks = OfflineTextPool(["reuters8"]), TextClassificationTaskPool(["reuters8"])
+    tasks.head("reuters8")
+    moved = shutil.copytree(packaged_minilm(), tmp_path / "other_venv" / "model")  # copytree renews mtimes
+    monkeypatch.setattr(pool_module, "packaged_minilm", lambda: moved)
+    assert OfflineTextPool(["reuters8"]).checkpoint("reuters8") == pool.checkpoint("reuters8")
+    import fusion_bench.taskpool.text_classification as taskpool_module
+
+    monkeypatch.setattr(taskpool_module, "class_head", lambda *a, **k: pytest.fail("the head was built again"))
+    TextClassificationTaskPool(["reuters8"], base_model=str(moved)).head("reuters8")
+
+
 def test_a_foreign_model_is_refused():
     with pytest.raises(InputError, match=r"hidden size 16\) does not fit this task pool"):
         TextClassificationTaskPool(["reuters8"]).evaluate(tiny_bert(0))

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench.cache import build_once, cache_dir, fingerprint
+from fusion_bench.cache import build_once, cache_dir, file_digest, fingerprint
 from fusion_bench.errors import InputError
 from fusion_bench.finetuning import FinetuneRecipe, finetune_text_encoder
 from fusion_bench.modelpool.base import PRETRAINED
@@ -38,11 +38,12 @@ class OfflineTextPool(AutoModelPool):
             raise InputError(f"bad finetune settings ({error}); the keys are: steps, batch_size, learning_rate, max_length") from None
         self.seed, self.accelerator = seed, accelerator
         self.base_model = packaged_minilm()
+        self._base_digest = file_digest(self.base_model / "model.safetensors")
         models = {PRETRAINED: str(self.base_model), **{task: str(self.checkpoint(task)) for task in tasks}}
         super().__init__(models, model_class="transformers.BertModel")
 
     def checkpoint(self, task: str) -> Path:
-        key = fingerprint(self.recipe.as_dict(), self.seed, SPLITS_VERSION, str(self.base_model))
+        key = fingerprint(self.recipe.as_dict(), self.seed, SPLITS_VERSION, self._base_digest)
         return cache_dir() / "offline_text" / "models" / f"{task}-seed{self.seed}-{key}"
 
     def model_path(self, name: str) -> Path:

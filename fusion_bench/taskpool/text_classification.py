@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertModel
 
-from fusion_bench.cache import cache_dir, fingerprint
+from fusion_bench.cache import cache_dir, file_digest, fingerprint
 from fusion_bench.errors import InputError
 from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
 from fusion_bench.modelpool.offline_text import packaged_minilm
@@ -57,6 +57,7 @@ class TextClassificationTaskPool(BaseTaskPool):
         self.max_samples = 1 if fast_dev_run else max_samples
         self.batches_per_task = 1 if fast_dev_run else None
         self._heads: dict[str, Tensor] = {}
+        self._base_digest: str | None = None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
@@ -89,8 +90,9 @@ class TextClassificationTaskPool(BaseTaskPool):
         """The task's frozen head from the base encoder, cached on disk by what it is built from."""
         if task not in self._heads:
             spec = TASKS[task]
-            weights = self.base_model / "model.safetensors"
-            key = fingerprint(str(self.base_model), weights.stat().st_size, weights.stat().st_mtime_ns, spec.classes, spec.template, self.max_length)
+            if self._base_digest is None:
+                self._base_digest = file_digest(self.base_model / "model.safetensors")
+            key = fingerprint(self._base_digest, spec.classes, spec.template, self.max_length)
             path = cache_dir() / "heads" / f"{task}-{key}.pt"
             if path.exists():
                 self._heads[task] = torch.load(path)
