@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The offline MiniLM benchmark's table and figures (docs/reproducing.md), on CPU, about an hour on
-# 2 cores: for each seed, the fine-tuned models (built once), the baselines, and λ sweeps of task
-# arithmetic and TIES on validation and test; then TIES ablations and the scaling with the number
-# of merged tasks (seed 0); then one table per seed (λ chosen on validation) and the figures.
+# The offline MiniLM benchmark's table and figures (docs/reproducing.md), on CPU: on 2 cores about
+# 50 min per seed, then 20 min. For each seed, the fine-tuned models (built once), the baselines,
+# and λ sweeps of task arithmetic and TIES on validation and test; then TIES ablations and the
+# scaling with the number of merged tasks (seed 0); then one table per seed (λ chosen on
+# validation) and the figures.
 #   scripts/reproduce/offline_minilm.sh [output directory] [seeds...]
 set -euo pipefail
 out=${1:-outputs/reproduce/offline_minilm}
