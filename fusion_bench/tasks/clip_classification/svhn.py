@@ -1,20 +1,8 @@
 """SVHN (Netzer et al., 2011), cropped digits: house-number digits 0-9.
 
-Class names and prompt templates as CLIP (Radford et al., 2021) and FusionBench use them."""
+CLIP (Radford et al., 2021) and FusionBench prompt it exactly as MNIST: the same ten digit classes
+and the same template."""
 
-classnames = [
-    "0",
-    "1",
-    "2",
-    "3",
-    "4",
-    "5",
-    "6",
-    "7",
-    "8",
-    "9",
-]
+from fusion_bench.tasks.clip_classification.mnist import classnames, templates
 
-templates = [
-    'a photo of the number: "{}".',
-]
+__all__ = ["classnames", "templates"]
