@@ -35,6 +35,21 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:12]
 
 
+def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
+    """Make the file `path` by write(temporary_path) and a rename: readers (and later runs, should
+    this one stop midway) see the whole file or none."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    os.close(descriptor)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return path
+
+
 def build_once(path: Path, build: Callable[[Path], None]) -> Path:
     """`path`, made by build(staging_directory) unless it exists already."""
     if path.exists():

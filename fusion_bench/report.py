@@ -4,7 +4,6 @@ import json
 import os
 import platform
 import resource
-import tempfile
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fusion_bench.cache import write_atomically
 
 SCHEMA = "fusion_bench.report/1"
 _PACKAGES = ("fusion_bench", "torch", "transformers", "hydra-core", "safetensors", "lightning", "peft", "datasets")
@@ -66,13 +67,7 @@ def build_report(
 
 def write_report(report: Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write the report as JSON, atomically (a temporary file renamed into place)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
-    os.replace(f.name, path)
-    return path
+    return write_atomically(Path(path), lambda temporary: temporary.write_text(json.dumps(report, indent=2) + "\n"))
 
 
 def read_report(path: str | os.PathLike) -> dict[str, Any]:

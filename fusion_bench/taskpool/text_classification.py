@@ -5,7 +5,6 @@ disk; the evaluated encoder only supplies the text embeddings. Texts are batched
 spare padding. Per task: accuracy and cross-entropy (summed over examples, then divided).
 """
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertModel
 
-from fusion_bench.cache import cache_dir, file_digest, fingerprint
+from fusion_bench.cache import cache_dir, file_digest, fingerprint, write_atomically
 from fusion_bench.errors import InputError
 from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
 from fusion_bench.modelpool.offline_text import packaged_minilm
@@ -100,10 +99,7 @@ class TextClassificationTaskPool(BaseTaskPool):
                 encoder = BertModel.from_pretrained(self.base_model)
                 tokenizer = AutoTokenizer.from_pretrained(self.base_model)
                 head = class_head(encoder, tokenizer, list(spec.classes.values()), spec.template, self.max_length)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                staging = path.with_name(f".{path.name}.{os.getpid()}")
-                torch.save(head, staging)
-                os.replace(staging, path)  # whole or absent, should the run stop midway
+                write_atomically(path, lambda temporary: torch.save(head, temporary))
                 self._heads[task] = head
         return self._heads[task]
 

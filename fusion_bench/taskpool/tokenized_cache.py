@@ -8,8 +8,6 @@ exactly those, and read back on every later run.
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from fusion_bench.cache import cache_dir as fusion_cache_dir
+from fusion_bench.cache import write_atomically
 
 _FORMAT = 1  # bump when the stored layout changes
 
@@ -63,18 +62,6 @@ def tokenize_cached(tokenizer, texts: Sequence[str], *, max_length: int, cache_d
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     lengths = torch.tensor([0] + [len(ids) for ids in encoded])
     tokenized = TokenizedTexts(torch.tensor([i for ids in encoded for i in ids], dtype=torch.int32), lengths.cumsum(0))
-    _write_atomically(path, {"ids": tokenized.ids, "offsets": tokenized.offsets})
+    write_atomically(path, lambda temporary: save_file({"ids": tokenized.ids, "offsets": tokenized.offsets}, str(temporary)))
     return tokenized
 
-
-def _write_atomically(path: Path, tensors: dict[str, Tensor]) -> None:
-    """Write under a temporary name and rename, so a crash or a concurrent run leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(descriptor)
-    try:
-        save_file(tensors, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)

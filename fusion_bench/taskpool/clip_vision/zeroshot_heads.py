@@ -8,8 +8,6 @@ those inputs.
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from fusion_bench.cache import write_atomically
 from fusion_bench.tasks.clip_classification import ClassificationTask
 
 _FORMAT = 1  # bump when the computation changes, so old files are not read
@@ -70,11 +69,5 @@ class HeadCache:
         return load_file(str(path))["head"] if path.is_file() else None
 
     def save(self, key: str, head: Tensor, metadata: dict[str, str]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=self.folder, prefix=f".{key}.", suffix=".partial", delete=False) as f:
-            partial = Path(f.name)
-        try:
-            save_file({"head": head.detach().cpu().contiguous()}, str(partial), metadata=metadata)
-            os.replace(partial, self.path(key))
-        finally:
-            partial.unlink(missing_ok=True)
+        tensors = {"head": head.detach().cpu().contiguous()}
+        write_atomically(self.path(key), lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
