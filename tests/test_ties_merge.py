@@ -7,9 +7,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fusion_bench.merging.cut_bracket as cut_bracket
 import fusion_bench.merging.streaming as streaming
 import fusion_bench.merging.ties as ties_module
 from fusion_bench.errors import InputError
+from fusion_bench.merging.cut_bracket import CutBracket
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
 from fusion_bench.merging.ties import ties_merge
 from tests import oracles
@@ -70,14 +72,79 @@ def test_without_election_equals_the_oracle(merge_func, threshold):
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 10, 64])
-@pytest.mark.parametrize("deferred_fraction", [0.25, 0.0])  # 0.0 forces the second histogram pass
-def test_chunking_and_budget_fallback_change_nothing(monkeypatch, chunk_elements, deferred_fraction):
+@pytest.mark.parametrize("sample_every", [1, 16])  # 1: an exact bracket, so the merge takes one pass
+@pytest.mark.parametrize("deferred_fraction", [0.5, 0.0])  # 0.0: the columns set aside exceed it
+def test_chunking_and_fallbacks_change_nothing(monkeypatch, chunk_elements, sample_every, deferred_fraction):
     monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", sample_every)
     monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", deferred_fraction)
     for kind, merge_func in itertools.product(["normal", "ties"], ["sum", "mean", "max"]):
         pretrained, finetuned = make_pool(seed=3, kind=kind)
         params = dict(scaling_factor=0.5, threshold=20, merge_func=merge_func)
         assert_close(run_ties(pretrained, finetuned, **params), oracles.ties(pretrained, finetuned, list(SHAPES), **params))
+
+
+class CountingStateDict(dict):
+    """A state dict that counts how many times each tensor is read."""
+
+    reads = 0
+
+    def __getitem__(self, key):
+        CountingStateDict.reads += 1
+        return super().__getitem__(key)
+
+
+def reads_per_tensor(monkeypatch, pretrained, finetuned, **params) -> float:
+    monkeypatch.setattr(CountingStateDict, "reads", 0)
+    counted = [CountingStateDict(model) for model in [pretrained, *finetuned]]
+    out = run_ties(counted[0], counted[1:], **params)
+    assert_close(out, oracles.ties(pretrained, finetuned, list(SHAPES), **params))
+    return CountingStateDict.reads / (len(counted) * len(SHAPES))
+
+
+@pytest.mark.parametrize("threshold", [0.001, 20, 90])
+def test_a_bracket_that_holds_merges_in_one_pass(monkeypatch, threshold):
+    """Each tensor is read twice, once for the sample and once by the merge pass, and the result is
+    the oracle's; where the sample is too small to be sharp, the cut takes two passes of its own.
+    (With many ties at the cut, as in the "ties" pools, the columns set aside may outgrow their
+    budget: test_chunking_and_fallbacks_change_nothing.)"""
+    pretrained, finetuned = make_pool(seed=5)
+    params = dict(scaling_factor=0.5, threshold=threshold, merge_func="sum", multiplicity={"b": 2}, zero_entries=40)
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 1)
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 2
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 16)
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 4
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties"])
+@pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
+def test_a_wide_sampled_bracket_gives_the_exact_cut(monkeypatch, kind, merge_func):
+    """A real random sample, its bracket holding many entries, and a budget that lets them all be
+    set aside: the cuts found among them are exact."""
+    monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", 100.0)
+    pretrained, finetuned = make_pool(seed=8, kind=kind)
+    params = dict(scaling_factor=0.5, threshold=30, merge_func=merge_func)
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 2
+
+
+@pytest.mark.parametrize("miss", ["above", "below"])
+def test_a_bracket_that_misses_falls_back_to_exact_passes(monkeypatch, miss):
+    """Should the sample mislead, the merge notices and ends with the oracle's result anyway."""
+    sampled = cut_bracket.sample_bracket
+
+    def misleading_bracket(*args, **kwargs):
+        bracket = sampled(*args, **kwargs)
+        # one float wide, so that few entries fall inside and the budget holds them
+        low = bracket.high * 1.37 if miss == "above" else bracket.low / 1.37
+        return CutBracket(low, torch.nextafter(low, torch.tensor(float("inf"))), 0.0)
+
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 1)
+    monkeypatch.setattr(ties_module, "sample_bracket", misleading_bracket)
+    for kind in ["normal", "ties"]:
+        pretrained, finetuned = make_pool(seed=4, kind=kind)
+        params = dict(scaling_factor=0.5, threshold=20, merge_func="mean")
+        # the sample, the merge pass that finds the miss, two exact passes and the merge pass again
+        assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 5
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties"])
@@ -95,11 +162,11 @@ def test_multiplicity_and_zero_entries_equal_the_oracle(kind, merge_func, trim_s
     assert_close({k: out[k] for k in keys}, oracles.ties(pretrained, finetuned, keys, multiplicity=multiplicity, zero_entries=zero_entries, **params))
 
 
-@pytest.mark.parametrize("deferred_fraction", [0.25, 0.0])
-def test_untouched_keys_as_zero_entries_change_nothing(monkeypatch, deferred_fraction):
+@pytest.mark.parametrize("sample_every", [1, 16])
+def test_untouched_keys_as_zero_entries_change_nothing(monkeypatch, sample_every):
     """Leaving out a tensor no task changed, and counting its entries as zeros, gives the merge
     over all tensors (the LoRA delta space relies on it)."""
-    monkeypatch.setattr(ties_module, "DEFERRED_FRACTION", deferred_fraction)
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", sample_every)
     for kind, merge_func, threshold in itertools.product(["normal", "ties"], ["sum", "mean", "max"], [5, 90]):
         pretrained, finetuned = make_pool(seed=11, kind=kind)
         params = dict(scaling_factor=0.5, threshold=threshold, merge_func=merge_func, multiplicity={"w": 2, "untouched": 3})
@@ -192,7 +259,9 @@ def test_bad_hyperparameters_are_named(params, message):
         run_ties(pretrained, finetuned, scaling_factor=0.3, **params)
 
 
-def test_nan_names_the_model_and_key():
+@pytest.mark.parametrize("sample_every", [1, 16])  # one pass, or exact passes first
+def test_nan_names_the_model_and_key(monkeypatch, sample_every):
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", sample_every)
     pretrained, finetuned = make_pool(0)
     finetuned[2]["conv"][1, 2, 0] = float("nan")
     for threshold in (20, 100):

@@ -2,9 +2,9 @@
 
 Radix selection on float32 bit patterns: for x ≥ 0 the int32 view of x is ordered like x, so a
 histogram of the high bits finds the bucket holding the k-th largest value (pass 1); the value
-itself comes either from a histogram of the low bits inside that bucket (pass 2), or, without
-another pass, from the bucket's members if the caller collected them (`resolve`). Memory is two
+itself comes from a histogram of the low bits inside that bucket (pass 2). Memory is two
 histograms per row, whatever the stream's length; the result equals a sort's, bit for bit.
+The pass-1 histogram of a weighted sample also brackets the k-th largest (`bin_bounds`).
 
 Histograms are filled with scatter_add_ along the rows (parallel over rows) and pass 2 clamps
 out-of-bucket values into two spill bins instead of masking them: on CPU both run several times
@@ -17,6 +17,7 @@ from torch import Tensor
 _LOW_BITS = 12  # a bucket spans 2**12 float32 values: about 1/2048 of an octave
 _HIGH_BINS = 1 << (31 - _LOW_BITS)  # |x| has a zero sign bit
 _LOW_BINS = 1 << _LOW_BITS
+_INF_BITS = 0x7F800000  # float32 +inf
 
 
 class MagnitudeSelector:
@@ -24,10 +25,9 @@ class MagnitudeSelector:
 
     Feed every chunk of the streams to `update` (chunks are [rows, c]; a chunk given weight m stands
     for m copies of itself, and `add_zeros` for zeros never materialised; `numel` counts them all),
-    call `end_pass`, and repeat while `done` is False; then `values` holds one float per row. After pass 1, `bucket_bounds`
-    brackets each answer, and `resolve` can finish from the values inside the brackets instead of
-    a second pass. k ≥ numel needs no pass: the k-th largest is then the smallest magnitude, and a
-    cut at 0 keeps everything alike.
+    call `end_pass`, and repeat while `done` is False; then `values` holds one float per row.
+    k ≥ numel needs no pass: the k-th largest is then the smallest magnitude, and a cut at 0 keeps
+    everything alike.
     """
 
     def __init__(self, rows: int, numel: int, k: int):
@@ -36,17 +36,11 @@ class MagnitudeSelector:
         self._histogram = torch.zeros(rows, _HIGH_BINS, dtype=torch.int64)
         self._bucket_start: Tensor | None = None  # per row, the bit pattern where the bucket starts
         self._above: Tensor | None = None  # per row, how many values lie above the bucket
-        self._in_bucket: Tensor | None = None  # per row, how many lie in it
-        self._ones = torch.ones(0, dtype=torch.int64)
+        self._increments, self._increment = torch.ones(0, dtype=torch.int64), 1  # reused: allocating per chunk costs more
 
     @property
     def done(self) -> bool:
         return self.values is not None
-
-    @property
-    def bucket_bounds(self) -> tuple[Tensor, Tensor]:
-        """After pass 1: per row, [low, high) holding the k-th largest |x|."""
-        return _as_float(self._bucket_start), _as_float(self._bucket_start + _LOW_BINS)
 
     def update(self, chunk: Tensor, weight: int = 1) -> None:
         bits = chunk.abs().view(torch.int32)
@@ -54,9 +48,9 @@ class MagnitudeSelector:
             index = bits >> _LOW_BITS
         else:  # offsets inside the bucket, shifted by one: bin 0 is below it, the last bin above
             index = (bits - self._bucket_start[:, None]).clamp_(-1, _LOW_BINS).add_(1)
-        if self._ones.shape != index.shape:
-            self._ones = torch.ones(index.shape, dtype=torch.int64)
-        self._histogram.scatter_add_(1, index.long(), self._ones if weight == 1 else self._ones * weight)
+        if self._increments.shape != index.shape or self._increment != weight:
+            self._increments, self._increment = torch.full(index.shape, weight, dtype=torch.int64), weight
+        self._histogram.scatter_add_(1, index.long(), self._increments)
 
     def add_zeros(self, count: int) -> None:
         """Count `count` zeros in every row, as if fed to `update`."""
@@ -69,25 +63,21 @@ class MagnitudeSelector:
     def end_pass(self) -> None:
         if self._bucket_start is None:
             bucket, self._above = _kth_from_top(self._histogram, torch.full((self.rows,), self.k))
-            self._in_bucket = self._histogram.gather(1, bucket[:, None]).squeeze(1)
             self._bucket_start = bucket.to(torch.int32) << _LOW_BITS
             self._histogram = torch.zeros(self.rows, _LOW_BINS + 2, dtype=torch.int64)
         else:
             low, _ = _kth_from_top(self._histogram[:, 1:-1], self.k - self._above)
             self.values = _as_float(self._bucket_start | low.to(torch.int32))
 
-    def resolve(self, in_bucket: list[Tensor]) -> None:
-        """Finish after pass 1 from in_bucket[row]: the row's nonzero magnitudes inside its bucket,
-        all of them, each as many times as it was counted (the bucket's zeros, if it holds 0, are
-        what its count says is missing)."""
-        values = []
-        for row, members in enumerate(in_bucket):
-            rank = int(self.k - self._above[row])  # of the answer among the bucket's values, from the top
-            members = members.abs()
-            # Past the nonzero members the bucket holds only zeros, which are never materialised:
-            # a sparse task vector (a LoRA adapter's) may have hundreds of millions of them.
-            values.append(members.kthvalue(members.numel() - rank + 1).values if rank <= members.numel() else torch.zeros(()))
-        self.values = torch.stack(values)
+    def bin_bounds(self, rank: Tensor) -> tuple[Tensor, Tensor]:
+        """During pass 1, per row: [start, end) of the bucket holding the rank[row]-th largest |x|
+        fed so far (counted from 1); rank < 1 gives (inf, inf), a rank past the count (0, 0)."""
+        from_top = self._histogram.flip(1).cumsum(1)
+        position = torch.searchsorted(from_top, rank[:, None].clamp(min=1).to(from_top.dtype)).squeeze(1)
+        bucket = (_HIGH_BINS - 1 - position).clamp(min=0)
+        start = (bucket << _LOW_BITS).where(position < _HIGH_BINS, 0)
+        end = ((bucket + 1) << _LOW_BITS).clamp(max=_INF_BITS).where(position < _HIGH_BINS, 0)
+        return (_as_float(start.where(rank >= 1, _INF_BITS)), _as_float(end.where(rank >= 1, _INF_BITS)))
 
 
 def _as_float(bits: Tensor) -> Tensor:

@@ -58,6 +58,28 @@ def aligned_chunks(
         yield positions, stack
 
 
+def sampled_task_vectors(
+    models: Mapping[str, StateDict], key: str, every: int, generator: torch.Generator
+) -> Iterator[tuple[Tensor, int]]:
+    """Yield (task_vectors, weight): a random sample of `key`'s task-vector entries, θ₀ being the
+    first model's. One entry is drawn from every `every` consecutive ones and stands for all of
+    them (weight `every`); the entries past the last whole stretch stand for themselves (weight 1).
+    """
+    sources = [models[name][key].reshape(-1) for name in models]
+    numel = sources[0].numel()
+    stretches = numel // every
+    width = max(1, min(stretches, CHUNK_ELEMENTS // len(sources)))
+    for start in range(0, stretches, width):
+        count = min(width, stretches - start)
+        offsets = torch.randint(every, (count, 1), generator=generator)
+        span = slice(start * every, (start + count) * every)
+        stack = torch.stack([source[span].view(count, every).gather(1, offsets).squeeze(1) for source in sources]).float()
+        yield stack[1:] - stack[0], every
+    if stretches * every < numel:
+        stack = torch.stack([source[stretches * every :] for source in sources]).float()
+        yield stack[1:] - stack[0], 1
+
+
 def _raise_if_not_finite(sources: Sequence[Tensor], names: Sequence[str], positions: slice, key: str) -> None:
     for source, name in zip(sources, names):
         if not torch.isfinite(source[positions]).all():

@@ -1,7 +1,6 @@
 """TIES step 1, trim: keep the largest-magnitude entries of each task vector, zero the rest."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fusion_bench.errors import InputError
@@ -33,4 +32,7 @@ def trim(task_vectors: Tensor, cuts: Tensor) -> Tensor:
     (several times faster on CPU than a boolean mask and a select).
     """
     below = torch.nextafter(cuts.float(), torch.tensor(-float("inf")))
-    return torch.stack([F.hardshrink(row, lam) for row, lam in zip(task_vectors, below.tolist())])
+    trimmed = torch.empty_like(task_vectors)
+    for row, lam, out in zip(task_vectors, below.tolist(), trimmed):
+        torch.hardshrink(row, lam, out=out)
+    return trimmed
