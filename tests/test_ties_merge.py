@@ -105,7 +105,8 @@ def reads_per_tensor(monkeypatch, pretrained, finetuned, **params) -> float:
 @pytest.mark.parametrize("threshold", [0.001, 20, 90])
 def test_a_bracket_that_holds_merges_in_one_pass(monkeypatch, threshold):
     """Each tensor is read twice, once for the sample and once by the merge pass, and the result is
-    the oracle's; where the sample is too small to be sharp, the cut takes two passes of its own.
+    the oracle's; where a sample would be too small to be sharp, none is drawn, and the cut takes
+    two exact passes before the merge pass.
     (With many ties at the cut, as in the "ties" pools, the columns set aside may outgrow their
     budget: test_chunking_and_fallbacks_change_nothing.)"""
     pretrained, finetuned = make_pool(seed=5)
@@ -113,7 +114,7 @@ def test_a_bracket_that_holds_merges_in_one_pass(monkeypatch, threshold):
     monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 1)
     assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 2
     monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 16)
-    assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 4
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, **params) == 3
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties"])
@@ -136,7 +137,7 @@ def test_a_bracket_that_misses_falls_back_to_exact_passes(monkeypatch, miss):
         bracket = sampled(*args, **kwargs)
         # one float wide, so that few entries fall inside and the budget holds them
         low = bracket.high * 1.37 if miss == "above" else bracket.low / 1.37
-        return CutBracket(low, torch.nextafter(low, torch.tensor(float("inf"))), 0.0)
+        return CutBracket(low, torch.nextafter(low, torch.tensor(float("inf"))))
 
     monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 1)
     monkeypatch.setattr(ties_module, "sample_bracket", misleading_bracket)

@@ -29,11 +29,10 @@ MARGIN_SIGMAS = 5.0
 
 
 class CutBracket:
-    """Per task, [low, high) guessed to hold its cut, and the share of each task vector's entries
-    expected inside."""
+    """Per task, [low, high) guessed to hold its cut."""
 
-    def __init__(self, low: Tensor, high: Tensor, expected_inside: float):
-        self.low, self.high, self.expected_inside = low, high, expected_inside
+    def __init__(self, low: Tensor, high: Tensor):
+        self.low, self.high = low, high
         # As int32 bit patterns, in which magnitudes are ordered like the floats; zeros never count
         # as inside (a LoRA task vector has hundreds of millions of them), so low starts above 0.
         self._low_bits = low.float().view(torch.int32).clamp(min=1)[:, None]
@@ -54,6 +53,21 @@ class CutBracket:
         return below_high + bits.shape[1], (inside.amax(dim=0) >= 0).nonzero().squeeze(1)
 
 
+def margin(sizes: Mapping[str, int], weights: Mapping[str, int]) -> float:
+    """MARGIN_SIGMAS standard deviations of the sample's count estimates, at most: known before
+    sampling, since each stretch of SAMPLE_EVERY entries adds at most (SAMPLE_EVERY·weight)²/4 to
+    the variance (the entries past the last whole stretch are counted, not estimated)."""
+    if SAMPLE_EVERY == 1:
+        return 0.0
+    variance = sum((size // SAMPLE_EVERY) * (SAMPLE_EVERY * weights[key]) ** 2 / 4 for key, size in sizes.items())
+    return MARGIN_SIGMAS * math.sqrt(variance)
+
+
+def expected_inside(sizes: Mapping[str, int], weights: Mapping[str, int]) -> float:
+    """The share of a task vector's entries (over `sizes`' keys) that its bracket will hold, about."""
+    return min(1.0, 2 * margin(sizes, weights) / max(1, sum(size * weights[key] for key, size in sizes.items())))
+
+
 def sample_bracket(
     models: Mapping[str, StateDict], sizes: Mapping[str, int], weights: Mapping[str, int], zero_entries: int, k: int, *, seed: int = 0
 ) -> CutBracket:
@@ -63,15 +77,11 @@ def sample_bracket(
     numel = sum(size * weights[key] for key, size in sizes.items()) + zero_entries
     histogram = MagnitudeSelector(rows, numel, k)  # its pass-1 histogram, of the weighted sample
     generator = torch.Generator().manual_seed(seed)
-    variance = 0.0
     for key in progress(list(sizes), "TIES cut estimate"):
         for sample, every in sampled_task_vectors(models, key, SAMPLE_EVERY, generator):
-            weight = every * weights[key]
-            histogram.update(sample, weight)
-            if every > 1:
-                variance += sample.shape[1] * weight**2 / 4
+            histogram.update(sample, every * weights[key])
     histogram.add_zeros(zero_entries)
-    margin = MARGIN_SIGMAS * math.sqrt(variance)
-    low, _ = histogram.bin_bounds(torch.full((rows,), math.ceil(k + margin)))
-    _, high = histogram.bin_bounds(torch.full((rows,), math.floor(k - margin)))
-    return CutBracket(low, high, min(1.0, 2 * margin / max(1, numel - zero_entries)))
+    spare = margin(sizes, weights)
+    low, _ = histogram.bin_bounds(torch.full((rows,), math.ceil(k + spare)))
+    _, high = histogram.bin_bounds(torch.full((rows,), math.floor(k - spare)))
+    return CutBracket(low, high)

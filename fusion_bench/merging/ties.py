@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.errors import InputError
-from fusion_bench.merging.cut_bracket import CutBracket, sample_bracket
+from fusion_bench.merging.cut_bracket import CutBracket, expected_inside, sample_bracket
 from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge, merge_all
 from fusion_bench.merging.elect import elect_sign, majority_sign
 from fusion_bench.merging.magnitude_select import MagnitudeSelector
@@ -105,11 +105,11 @@ def _merge_in_one_pass(
 ) -> bool:
     """Merge with a sampled bracket of the cuts, if the columns it sets aside fit the budget;
     False (with `out` partly written) if they do not, or the bracket missed a cut."""
-    bracket = sample_bracket(models, sizes, weights, zero_entries, k)
     columns = sum(sizes.values())
     budget = DEFERRED_FRACTION * 4 * columns
-    if _expected_set_aside(bracket, len(models) - 1, columns) > budget / 2:
+    if _expected_set_aside(expected_inside(sizes, weights), len(models) - 1, columns) > budget / 2:
         return False
+    bracket = sample_bracket(models, sizes, weights, zero_entries, k)
     merger = new_merger(bracket=bracket, budget=budget)
     try:
         for key in progress(keys, "TIES merge"):
@@ -124,9 +124,10 @@ def _merge_in_one_pass(
     return True
 
 
-def _expected_set_aside(bracket: CutBracket, tasks: int, columns: int) -> float:
-    """The bytes the columns set aside would take, were the tasks' in-bracket entries independent."""
-    share = 1 - (1 - bracket.expected_inside) ** tasks
+def _expected_set_aside(inside: float, tasks: int, columns: int) -> float:
+    """The bytes the columns set aside would take, were each task's share `inside` of entries in
+    its bracket independent of the others'."""
+    share = 1 - (1 - inside) ** tasks
     return share * columns * (tasks + 3) * 4
 
 
