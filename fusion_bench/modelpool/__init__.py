@@ -5,7 +5,7 @@ fine-tuning and `datasets` with it, about a second of imports that merging local
 needs.
 """
 
-import importlib
+from fusion_bench.lazy_exports import lazy_exports
 
 _MODULES = {
     "AutoModelPool": "huggingface",
@@ -17,8 +17,4 @@ _MODULES = {
 }
 __all__ = list(_MODULES)
 
-
-def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+__getattr__ = lazy_exports(__name__, _MODULES)

@@ -5,7 +5,7 @@ Each pool's module is imported when the pool is first named (PEP 562): the text 
 a run with another task pool never needs.
 """
 
-import importlib
+from fusion_bench.lazy_exports import lazy_exports
 
 _MODULES = {
     "BaseTaskPool": "base",
@@ -16,8 +16,4 @@ _MODULES = {
 }
 __all__ = list(_MODULES)
 
-
-def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+__getattr__ = lazy_exports(__name__, _MODULES)
