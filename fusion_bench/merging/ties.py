@@ -107,6 +107,7 @@ def _merge_in_one_pass(
     False (with `out` partly written) if they do not, or the bracket missed a cut."""
     columns = sum(sizes.values())
     budget = DEFERRED_FRACTION * 4 * columns
+    # Half the budget: room for ties at the cut and for in-bracket entries that cluster by column.
     if _expected_set_aside(expected_inside(sizes, weights), len(models) - 1, columns) > budget / 2:
         return False
     bracket = sample_bracket(models, sizes, weights, zero_entries, k)
