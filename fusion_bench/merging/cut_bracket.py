@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.merging.magnitude_select import MagnitudeSelector
-from fusion_bench.merging.streaming import StateDict, progress, sampled_task_vectors
+from fusion_bench.merging.streaming import StateDict, flat_numel, progress, sampled_task_vectors
 
 SAMPLE_EVERY = 16
 MARGIN_SIGMAS = 5.0
@@ -65,7 +65,7 @@ def margin(sizes: Mapping[str, int], weights: Mapping[str, int]) -> float:
 
 def expected_inside(sizes: Mapping[str, int], weights: Mapping[str, int]) -> float:
     """The share of a task vector's entries (over `sizes`' keys) that its bracket will hold, about."""
-    return min(1.0, 2 * margin(sizes, weights) / max(1, sum(size * weights[key] for key, size in sizes.items())))
+    return min(1.0, 2 * margin(sizes, weights) / max(1, flat_numel(sizes, weights)))
 
 
 def sample_bracket(
@@ -74,8 +74,8 @@ def sample_bracket(
     """Per task, a bracket of its k-th largest |τ| over `sizes`' keys (each counted `weights`
     times) and `zero_entries` zeros; the first model is θ₀."""
     rows = len(models) - 1
-    numel = sum(size * weights[key] for key, size in sizes.items()) + zero_entries
-    histogram = MagnitudeSelector(rows, numel, k)  # its pass-1 histogram, of the weighted sample
+    # Only its pass-1 histogram is used, over the weighted sample.
+    histogram = MagnitudeSelector(rows, flat_numel(sizes, weights) + zero_entries, k)
     generator = torch.Generator().manual_seed(seed)
     for key in progress(list(sizes), "TIES cut estimate"):
         for sample, every in sampled_task_vectors(models, key, SAMPLE_EVERY, generator):

@@ -19,6 +19,11 @@ CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L
 StateDict = Mapping[str, Tensor]
 
 
+def flat_numel(sizes: Mapping[str, int], weights: Mapping[str, int]) -> int:
+    """The entries of the flat vector that lists each key's `sizes` entries `weights` times."""
+    return sum(size * weights[key] for key, size in sizes.items())
+
+
 def progress(keys: Sequence[str], desc: str) -> Iterator[str]:
     """A progress bar over keys (TQDM_DISABLE=1 silences it)."""
     return tqdm(keys, desc=desc, leave=False, unit="tensor")

@@ -33,7 +33,7 @@ from fusion_bench.merging.cut_bracket import CutBracket, expected_inside, sample
 from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge, merge_all
 from fusion_bench.merging.elect import elect_sign, majority_sign
 from fusion_bench.merging.magnitude_select import MagnitudeSelector
-from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, progress
+from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, flat_numel, progress
 from fusion_bench.merging.trim import keep_count, keep_fraction, trim
 
 TRIM_SCOPES = ("global", "tensor")
@@ -82,15 +82,14 @@ def ties_merge(
             merger.merge_key(models, key, selector.values, check_finite=False)
         merger.finish()
         return
-    numel = sum(size * weights[key] for key, size in sizes.items()) + zero_entries
+    numel = flat_numel(sizes, weights) + zero_entries
     k = keep_count(numel, threshold)
     if k < numel and _merge_in_one_pass(models, keys, sizes, weights, zero_entries, k, new_merger):
         return
     # Exact cuts first (threshold 100 needs none, and reads nothing here), then the merge pass.
     selector = _select(models, sizes, weights, zero_entries, threshold, show_progress=True)
     merger = new_merger()
-    for key in progress(keys, "TIES merge"):
-        merger.merge_key(models, key, selector.values, check_finite=k >= numel)
+    merger.merge_keys(models, keys, selector.values, check_finite=k >= numel)
     merger.finish()
 
 
@@ -113,8 +112,7 @@ def _merge_in_one_pass(
     bracket = sample_bracket(models, sizes, weights, zero_entries, k)
     merger = new_merger(bracket=bracket, budget=budget)
     try:
-        for key in progress(keys, "TIES merge"):
-            merger.merge_key(models, key, bracket.high, check_finite=True)
+        merger.merge_keys(models, keys, bracket.high, check_finite=True)
     except _BudgetExceeded:
         return False
     cuts = merger.exact_cuts(k)
@@ -137,7 +135,7 @@ def _select(
 ) -> MagnitudeSelector:
     """Each task's exact cut over `sizes`' keys (each counted `weights` times) and `zero_entries`
     zeros, in two histogram passes (the first checks the models for NaN/Inf); none for threshold 100."""
-    numel = sum(size * weights[key] for key, size in sizes.items()) + zero_entries
+    numel = flat_numel(sizes, weights) + zero_entries
     selector = MagnitudeSelector(rows=len(models) - 1, numel=numel, k=keep_count(numel, threshold))
     for index in range(2):
         if selector.done:
@@ -228,6 +226,10 @@ class _Merger:
         self.sign_total = 0
         self.undecided = _ColumnStore(tasks)  # trimmed sum exactly 0: need the majority sign
         self.deferred = _ColumnStore(tasks)  # an entry inside its task's bracket: need the exact cut
+
+    def merge_keys(self, models: Mapping[str, StateDict], keys: Sequence[str], cuts: Tensor, *, check_finite: bool) -> None:
+        for key in progress(keys, "TIES merge"):
+            self.merge_key(models, key, cuts, check_finite=check_finite)
 
     def merge_key(self, models: Mapping[str, StateDict], key: str, cuts: Tensor, *, check_finite: bool) -> None:
         output = FlatOutput(self.out[key])
