@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from fusion_bench.cache import cache_dir  # noqa: E402
+from fusion_bench.utils.cache import cache_dir  # noqa: E402
 
 TASKS = ("eurosat", "gtsrb", "dtd", "resisc45")
 LAMBDAS = [round(0.1 * i, 1) for i in range(1, 11)]

@@ -82,7 +82,7 @@ def merge(method: str, merge_space: str, folders: dict[str, Path], workdir: Path
     (config_dir / "modelpool" / "bench_flan_t5_lora.yaml").write_text(f"_target_: fusion_bench.modelpool.Seq2SeqLMPool\nmerge_space: dense\nmodels:\n{models}\n")
     run_dir = workdir / f"run-{method}-{merge_space}"
     seconds, cpu, rss = measure([
-        sys.executable, "-m", "fusion_bench.cli", "--config-dir", str(config_dir), "modelpool=bench_flan_t5_lora",
+        sys.executable, "-m", "fusion_bench", "--config-dir", str(config_dir), "modelpool=bench_flan_t5_lora",
         f"modelpool.merge_space={merge_space}", f"method={method}", "taskpool=dummy",
         f"merged_model_save_path={workdir / f'{method}-{merge_space}'}", f"hydra.run.dir={run_dir}",
     ])  # fmt: skip

@@ -23,7 +23,7 @@ import textwrap
 import time
 from pathlib import Path
 
-from fusion_bench.cache import cache_dir
+from fusion_bench.utils.cache import cache_dir
 
 N_TASKS = 8
 METHODS = ("simple_average", "task_arithmetic", "ties_merging")
@@ -93,7 +93,7 @@ def ours(method: str, folders: dict[str, Path], workdir: Path, save_to: Path | N
     (config_dir / "modelpool" / "bench_vit_b32.yaml").write_text(
         f"_target_: fusion_bench.modelpool.AutoModelPool\nmodel_class: transformers.CLIPVisionModel\nmodels:\n{models}\n"
     )
-    command = [sys.executable, "-m", "fusion_bench.cli", "--config-dir", str(config_dir), "modelpool=bench_vit_b32",
+    command = [sys.executable, "-m", "fusion_bench", "--config-dir", str(config_dir), "modelpool=bench_vit_b32",
                f"method={method}", "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}"]
     if save_to:
         command.append(f"merged_model_save_path={save_to}")

@@ -60,7 +60,7 @@ def write_pool_config(config_dir: Path, pool_dir: Path, name: str = "tiny_bert")
 
 def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "fusion_bench.cli", *args], cwd=cwd, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "fusion_bench", *args], cwd=cwd, capture_output=True, text=True, timeout=600
     )
     if check and result.returncode != 0:
         raise AssertionError(f"fusion_bench {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")

@@ -8,7 +8,7 @@ from transformers import AutoModel
 
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import AutoModelPool
-from fusion_bench.report import SCHEMA
+from fusion_bench.reporting.report import SCHEMA, meta
 from tests.conftest import TASKS, run_cli, write_pool_config
 
 METHODS = {
@@ -33,11 +33,12 @@ def test_merge_save_and_report(workdir, bert_pool_dir, method):
     saved = workdir / "merged"
     result = run_cli(*base_args(workdir, f"method={method}", f"merged_model_save_path={saved}"), cwd=workdir)
     report = json.loads((workdir / "run" / "report.json").read_text())
-    assert report["schema"] == SCHEMA
-    assert report["config"]["method"]["_target_"].endswith(type(METHODS[method]).__name__)
-    assert set(report["models"]) == {"_pretrained_", *TASKS}
-    assert report["model_info"]["parameters"] == sum(p.numel() for p in AutoModel.from_pretrained(bert_pool_dir / "pretrained").parameters())
-    assert report["peak_memory"]["rss_bytes"] > 0 and report["timing"]["merge_seconds"] > 0
+    assert meta(report)["schema"] == SCHEMA and meta(report)["status"] == "completed"
+    assert meta(report)["config"]["method"]["_target_"].endswith(type(METHODS[method]).__name__)
+    assert set(meta(report)["models"]) == {"_pretrained_", *TASKS}
+    parameters = sum(p.numel() for p in AutoModel.from_pretrained(bert_pool_dir / "pretrained").parameters())
+    assert report["model_info"]["all_params"] == report["model_info"]["trainable_params"] == parameters
+    assert meta(report)["peak_memory"]["rss_bytes"] > 0 and meta(report)["timing"]["merge_seconds"] > 0
     assert "merged model:" in result.stdout
     # the saved model is the one the Python API merges, and a clean Hugging Face folder
     pool = AutoModelPool({"_pretrained_": str(bert_pool_dir / "pretrained"), **{t: str(bert_pool_dir / t) for t in TASKS}})
@@ -51,7 +52,7 @@ def test_merge_save_and_report(workdir, bert_pool_dir, method):
 def test_method_parameters_from_the_command_line(workdir):
     run_cli(*base_args(workdir, "method=ties_merging", "method.threshold=50", "method.merge_func=mean"), cwd=workdir)
     report = json.loads((workdir / "run" / "report.json").read_text())
-    assert report["config"]["method"]["threshold"] == 50 and report["config"]["method"]["merge_func"] == "mean"
+    assert meta(report)["config"]["method"]["threshold"] == 50 and meta(report)["config"]["method"]["merge_func"] == "mean"
 
 
 def test_multirun_writes_one_report_per_run(workdir):
@@ -62,7 +63,8 @@ def test_multirun_writes_one_report_per_run(workdir):
     )
     reports = sorted(sweep.glob("*/report.json"))
     assert len(reports) == 4
-    seen = {(json.loads(r.read_text())["config"]["method"]["_target_"], json.loads(r.read_text())["config"]["method"]["scaling_factor"]) for r in reports}
+    methods = [meta(json.loads(r.read_text()))["config"]["method"] for r in reports]
+    seen = {(method["_target_"], method["scaling_factor"]) for method in methods}
     assert len(seen) == 4
 
 

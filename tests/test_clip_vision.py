@@ -12,8 +12,9 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench.errors import InputError
-from fusion_bench.instantiate import instantiate_checked
+from fusion_bench.reporting.report import meta, task_metrics
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import instantiate_checked
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
@@ -204,8 +205,11 @@ def assert_metrics_equal(ours: dict[str, float], expected: dict[str, float]) -> 
 
 def test_accuracy_and_loss_equal_a_hand_computation(clip_world):
     tower = merged_tower(clip_world)
-    results = make_taskpool(clip_world).evaluate(tower)
-    assert list(results) == list(CLIP_TASKS)
+    report = make_taskpool(clip_world).evaluate(tower)  # FusionBench's layout: tasks, their average, the model's size
+    results = {task: report[task] for task in CLIP_TASKS}
+    assert list(report) == [*CLIP_TASKS, "average", "model_info"]
+    assert report["average"]["accuracy"] == pytest.approx(sum(m["accuracy"] for m in results.values()) / len(CLIP_TASKS))
+    assert report["model_info"]["all_params"] == sum(p.numel() for p in tower.parameters())
     everything = list(range(IMAGES_PER_TASK))  # 20 images in batches of 8: the last batch is smaller
     for task in ("mnist", "eurosat"):  # one template; three templates averaged
         assert_metrics_equal(results[task], hand_metrics(clip_world, tower, task, everything))
@@ -273,14 +277,14 @@ def test_cli_merges_and_scores_the_eight_task_layout(clip_workdir, clip_world, m
     saved = clip_workdir / "merged"
     result = run_cli(*clip_args(clip_workdir, f"method={method}", f"merged_model_save_path={saved}"), cwd=clip_workdir)
     report = json.loads((clip_workdir / "run" / "report.json").read_text())
-    assert list(report["tasks"]) == list(CLIP_TASKS) and set(report["average"]) == {"accuracy", "loss"}
-    assert report["average"]["accuracy"] == pytest.approx(sum(m["accuracy"] for m in report["tasks"].values()) / len(CLIP_TASKS))
-    assert report["models"]["_pretrained_"] == str(clip_world / "clip") and report["timing"]["eval_seconds"] > 0
+    assert list(task_metrics(report)) == list(CLIP_TASKS) and set(report["average"]) == {"accuracy", "loss"}
+    assert report["average"]["accuracy"] == pytest.approx(sum(m["accuracy"] for m in task_metrics(report).values()) / len(CLIP_TASKS))
+    assert meta(report)["models"]["_pretrained_"] == str(clip_world / "clip") and meta(report)["timing"]["eval_seconds"] > 0
     assert all(line in result.stdout for line in ("mnist", "eurosat", "gtsrb", "average"))
     # the report holds the numbers of the merged model it saved, as the Python API scores it
     again = make_taskpool(clip_world).evaluate(CLIPVisionModel.from_pretrained(saved))
     for task in CLIP_TASKS:
-        assert_metrics_equal(report["tasks"][task], again[task])
+        assert_metrics_equal(task_metrics(report)[task], again[task])
 
 
 def test_cli_refuses_a_tower_of_another_shape_before_merging(clip_workdir, clip_world):
@@ -300,5 +304,5 @@ def test_cli_refuses_a_tower_of_another_shape_before_merging(clip_workdir, clip_
 def test_cli_fast_dev_run_and_max_samples_from_the_command_line(clip_workdir):
     run_cli(*clip_args(clip_workdir, "method=simple_average", "taskpool.fast_dev_run=true", "taskpool.max_samples=5"), cwd=clip_workdir)
     report = json.loads((clip_workdir / "run" / "report.json").read_text())
-    assert report["config"]["taskpool"]["fast_dev_run"] is True and report["config"]["taskpool"]["max_samples"] == 5
-    assert all(m["accuracy"] * 5 == pytest.approx(round(m["accuracy"] * 5)) for m in report["tasks"].values())
+    assert meta(report)["config"]["taskpool"]["fast_dev_run"] is True and meta(report)["config"]["taskpool"]["max_samples"] == 5
+    assert all(m["accuracy"] * 5 == pytest.approx(round(m["accuracy"] * 5)) for m in task_metrics(report).values())

@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
+from fusion_bench.reporting.report import meta, task_metrics
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import Seq2SeqLMPool
 from fusion_bench.tasks.glue import GLUE_TASKS
@@ -47,8 +48,8 @@ def test_merge_and_evaluate_on_glue(workdir, method, merge_space, tasks):
         cwd=workdir,
     )  # fmt: skip
     report = json.loads((workdir / "run" / "report.json").read_text())
-    assert list(report["tasks"]) == tasks
-    for task, metrics in report["tasks"].items():
+    assert list(task_metrics(report)) == tasks
+    for task, metrics in task_metrics(report).items():
         headline = "spearman_rho" if task == "stsb" else "accuracy"
         assert set(metrics) == {"score", headline, "unparseable"}
         assert metrics["score"] == metrics[headline] or (math_nan(metrics["score"]) and math_nan(metrics[headline]))

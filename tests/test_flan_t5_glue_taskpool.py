@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from torch import nn
 from transformers import AutoTokenizer
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.taskpool import FlanT5GLUETextGenerationTaskPool
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached, tokenizer_fingerprint
@@ -84,7 +84,7 @@ def test_scores_and_unparseable_counts_equal_a_hand_count(tokenizer_path, tmp_pa
     from datasets import load_dataset
 
     pool, model = scripted_pool(tokenizer_path, list(GLUE_TASKS), cache_dir=tmp_path)
-    results = pool.evaluate(model)
+    results = pool.evaluate_tasks(model)
     assert list(results) == list(GLUE_TASKS)
     for task, spec in GLUE_TASKS.items():
         rows = load_dataset(str(glue_dir()), task, split=spec.split).to_list()
@@ -115,7 +115,7 @@ def test_max_samples_and_fusionbench_task_entries(tokenizer_path, tmp_path):
         [{"name": "glue-rte", "dataset": {"name": "rte", "split": "validation"}}, "mnli"],
         tokenizer=str(tokenizer_path), dataset_path=str(glue_dir()), max_samples=4, cache_dir=str(tmp_path),
     )  # fmt: skip
-    results = pool.evaluate(model)
+    results = pool.evaluate_tasks(model)
     assert list(results) == ["glue-rte", "mnli"]
     assert sum(len(ids) for ids, _ in model.batches) == 8
     assert results["mnli"]["accuracy"] == 0.5  # idx 0 and 3 of the first four

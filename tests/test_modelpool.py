@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import AutoModelPool, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertModel
 
 import fusion_bench.tasks.text_corpora as text_corpora
-from fusion_bench.errors import InputError
+from fusion_bench.reporting.report import meta, task_metrics
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.offline_text import OfflineTextPool, packaged_minilm
 from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
 from fusion_bench.tasks.offline_text import MAX_CHARACTERS, TASKS, examples
@@ -139,9 +140,9 @@ def test_the_main_job_builds_once_then_merges(tmp_path):
     with TIES, scores each task; a second run reuses the fine-tuned models."""
     first = run_cli(*QUICK, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path)
     report = json.loads((tmp_path / "first" / "report.json").read_text())
-    assert report["config"]["method"]["_target_"] == "fusion_bench.method.TiesMergingAlgorithm"
-    assert set(report["tasks"]) == {"reuters8", "election_tweets"}
-    assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in report["tasks"].values())
+    assert meta(report)["config"]["method"]["_target_"] == "fusion_bench.method.TiesMergingAlgorithm"
+    assert set(task_metrics(report)) == {"reuters8", "election_tweets"}
+    assert all(0 <= m["accuracy"] <= 1 and m["loss"] > 0 for m in task_metrics(report).values())
     assert "fine-tuning reuters8" in first.stdout + first.stderr
     second = run_cli(*QUICK, "method=task_arithmetic", f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path)
     assert "fine-tuning" not in second.stdout + second.stderr
@@ -169,4 +170,4 @@ def run_cli_report(*args: str) -> str:
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "fusion_bench.report_cli", *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run([sys.executable, "-m", "fusion_bench.reporting.cli", *args], capture_output=True, text=True, check=True).stdout

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import Seq2SeqLMPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
@@ -179,7 +179,7 @@ def test_bad_input_is_named(tmp_path):
 def test_shipped_configs_name_fusionbenchs_models(config, base, model):
     from omegaconf import OmegaConf
 
-    from fusion_bench.instantiate import instantiate_checked
+    from fusion_bench.utils.instantiation import instantiate_checked
 
     path = Path(__file__).parents[1] / "config" / "modelpool" / "Seq2SeqLMPool" / f"{config}.yaml"
     pool = instantiate_checked(OmegaConf.load(path), "modelpool")  # nothing is fetched yet

@@ -2,10 +2,10 @@
 
 import pytest
 
-from fusion_bench.errors import InputError
-from fusion_bench.report import build_report, write_report
-from fusion_bench.report_cli import main as report_main
-from fusion_bench.tables import INDIVIDUAL, ZERO_SHOT, find_reports, mark_best, render, rows_from_reports
+from fusion_bench.reporting.cli import main as report_main
+from fusion_bench.reporting.report import build_report, meta, write_report
+from fusion_bench.reporting.tables import INDIVIDUAL, ZERO_SHOT, find_reports, mark_best, render, rows_from_reports
+from fusion_bench.utils.errors import InputError
 
 TASKS = ("alpha", "beta")
 
@@ -15,9 +15,8 @@ def report(method: dict, scores: dict, split: str = "test", models=TASKS) -> dic
         config={"method": method, "taskpool": {"_target_": "x", "split": split}},
         models={"_pretrained_": "base", **{m: m for m in models}},
         tasks={task: {"accuracy": value} for task, value in scores.items()},
-        model_info={"parameters": 1, "size_bytes": 4},
-        merge_seconds=0.0,
-        eval_seconds=0.0,
+        model_info={"trainable_params": 1, "all_params": 1, "trainable_percentage": 1.0},
+        timing={"merge_seconds": 0.0, "eval_seconds": 0.0},
     )
 
 
@@ -76,12 +75,12 @@ def test_a_scaling_table_names_how_many_tasks_each_row_merged():
 
 
 def test_normalised_scores_divide_by_the_individual_models(reports):
-    test_reports = [r for r in reports if r["config"]["taskpool"]["split"] == "test"]
+    test_reports = [r for r in reports if meta(r)["config"]["taskpool"]["split"] == "test"]
     rows = {row.label: row for row in rows_from_reports(test_reports, normalized=True)}
     assert rows["Task Arithmetic, λ=0.5"].scores == pytest.approx({"alpha": 0.875, "beta": 0.9})
     assert rows[INDIVIDUAL].average == pytest.approx(1.0)
     with pytest.raises(InputError, match="test score on 'alpha'; run method=dummy method.model_name=alpha$"):
-        rows_from_reports([r for r in test_reports if r["config"]["method"].get("model_name") != "alpha"], normalized=True)
+        rows_from_reports([r for r in test_reports if meta(r)["config"]["method"].get("model_name") != "alpha"], normalized=True)
     with pytest.raises(InputError, match="validation score on 'alpha'; .* taskpool.split=validation"):
         rows_from_reports(reports, normalized=True)
 
@@ -95,7 +94,7 @@ def test_best_lambda_is_marked_and_validation_can_choose_it(reports):
 
 
 def test_render_markdown_csv_latex(reports):
-    rows = mark_best(rows_from_reports([r for r in reports if r["config"]["taskpool"]["split"] == "test"]))
+    rows = mark_best(rows_from_reports([r for r in reports if meta(r)["config"]["taskpool"]["split"] == "test"]))
     markdown = render(rows, "markdown").splitlines()
     assert markdown[0] == "| method | alpha | beta | average |"
     assert "| **Task Arithmetic, λ=0.5** | **70.0** | **45.0** | **57.5** |" in markdown
@@ -135,3 +134,20 @@ def test_the_command_can_keep_one_split(tmp_path, reports):
         write_report(r, tmp_path / "sweep" / str(i) / "report.json")
     report_main([str(tmp_path / "sweep"), "--split", "test", "--normalized", "--output", str(tmp_path / "table.md")])
     assert "| **Task Arithmetic, λ=0.5** | **87.5** | **90.0** | **88.8** |" in (tmp_path / "table.md").read_text()
+
+
+def test_failed_runs_are_listed_and_a_sweep_without_scores_says_so(tmp_path, reports, capsys):
+    write_report(reports[3], tmp_path / "sweep" / "0" / "report.json")
+    failure = build_report(tasks={}, model_info=None, config={"method": {"_target_": TA}}, models={}, timing={},
+                           overrides=["method.scaling_factor=abc"], error=InputError("scaling_factor='abc' must be a finite number"))
+    write_report(failure, tmp_path / "sweep" / "1" / "report.json")
+    report_main([str(tmp_path / "sweep"), "--output", str(tmp_path / "table.md")])
+    assert "Task Arithmetic, λ=0.3" in (tmp_path / "table.md").read_text()
+    assert f"failed run: {tmp_path / 'sweep' / '1'}: method.scaling_factor=abc: scaling_factor='abc' must be a finite number" in capsys.readouterr().err
+
+    unscored = build_report(tasks={}, model_info={"all_params": 1}, config={"method": {"_target_": TA, "scaling_factor": 0.3}, "taskpool": {"_target_": "fusion_bench.taskpool.DummyTaskPool"}}, models={}, timing={})
+    write_report(unscored, tmp_path / "dummy" / "0" / "report.json")
+    with pytest.raises(SystemExit) as exit_info:
+        report_main([str(tmp_path / "dummy")])
+    assert exit_info.value.code == 2
+    assert "nothing to tabulate: 1 completed run(s) with no 'accuracy' score on any task (0 failed)" in capsys.readouterr().err

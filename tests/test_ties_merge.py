@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 import fusion_bench.merging.cut_bracket as cut_bracket
 import fusion_bench.merging.streaming as streaming
 import fusion_bench.merging.ties as ties_module
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.cut_bracket import CutBracket
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
 from fusion_bench.merging.ties import ties_merge

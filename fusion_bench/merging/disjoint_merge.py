@@ -2,7 +2,7 @@
 
 from torch import Tensor
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 MERGE_FUNCS = ("sum", "mean", "max")
 

@@ -10,9 +10,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from fusion_bench.utils.progress import progress_bar
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
 
@@ -25,8 +25,8 @@ def flat_numel(sizes: Mapping[str, int], weights: Mapping[str, int]) -> int:
 
 
 def progress(keys: Sequence[str], desc: str) -> Iterator[str]:
-    """A progress bar over keys (TQDM_DISABLE=1 silences it)."""
-    return tqdm(keys, desc=desc, leave=False, unit="tensor")
+    """A progress bar over keys, on terminals only."""
+    return progress_bar(keys, desc=desc, unit="tensor")
 
 
 def aligned_chunks(

@@ -28,7 +28,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.cut_bracket import CutBracket, expected_inside, sample_bracket
 from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge, merge_all
 from fusion_bench.merging.elect import elect_sign, majority_sign

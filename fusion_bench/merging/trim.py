@@ -3,11 +3,13 @@
 import torch
 from torch import Tensor
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 
 def keep_fraction(threshold: float) -> float:
     """The fraction of entries to keep: `threshold` > 1 is a percentage, otherwise a fraction."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise InputError(f"threshold={threshold!r} must be a number, e.g. threshold=20 keeps the top 20%")
     if not 0 < threshold <= 100:
         raise InputError(
             f"threshold={threshold} is out of range; use a percentage in (1, 100] "

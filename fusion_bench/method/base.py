@@ -7,13 +7,31 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 
 
 class BaseAlgorithm:
-    """A merging method. Its config keys are its constructor's arguments; `run` merges a pool."""
+    """A merging method. Its config keys are its constructor's arguments; `run` merges a pool.
+
+    As in FusionBench, a subclass may pass unused keys up (`super().__init__(**kwargs)`; only its
+    descriptive `_usage_` and `_version_` are taken), extend `_config_mapping` (attribute → config
+    key), and hook `on_run_start` / `on_run_end`, which the program calls around `run`.
+    """
+
+    _config_mapping: dict[str, str] = {}
+
+    def __init__(self, **kwargs):
+        unknown = [key for key in kwargs if key not in ("_usage_", "_version_")]
+        if unknown:
+            raise InputError(f"{type(self).__name__} got an unknown key {unknown[0]!r}; check the method config")
+
+    def on_run_start(self) -> None:
+        """Called by the program just before `run`."""
+
+    def on_run_end(self) -> None:
+        """Called by the program just after `run`."""
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
         raise NotImplementedError

@@ -5,7 +5,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.disjoint_merge import check_merge_func
 from fusion_bench.merging.ties import check_trim_scope, ties_merge
 from fusion_bench.merging.trim import keep_fraction

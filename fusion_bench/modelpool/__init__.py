@@ -5,7 +5,7 @@ fine-tuning and `datasets` with it, about a second of imports that merging local
 needs.
 """
 
-from fusion_bench.lazy_exports import lazy_exports
+from fusion_bench.utils.lazy_exports import lazy_exports
 
 _MODULES = {
     "AutoModelPool": "huggingface",

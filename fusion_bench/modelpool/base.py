@@ -1,16 +1,20 @@
 """The model pool: named models, where `_pretrained_` is the base model and the others are tasks."""
 
 import copy
-from collections.abc import Mapping
+import inspect
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
-from fusion_bench.dataset_loading import load_dataset_spec
-from fusion_bench.errors import InputError
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, ModuleStateDict
+from fusion_bench.utils.dataset_loading import load_dataset_spec
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.local_paths import local_paths_in
 
 PRETRAINED = "_pretrained_"
 
@@ -25,7 +29,8 @@ class BaseModelPool:
 
     `models` maps names to nn.Module instances or to configs with a `_target_` (instantiated on
     demand), as in FusionBench. Subclasses add paths and hub ids (AutoModelPool and its kin) and
-    override `state_dict` to read checkpoints lazily.
+    override `state_dict` to read checkpoints lazily. FusionBench's methods are here too
+    (load_pretrained_model, get_model_config, get_model_path, models, named_models, save_model).
     """
 
     def __init__(
@@ -101,6 +106,66 @@ class BaseModelPool:
     def load_pretrained_or_first_model(self) -> nn.Module:
         return self.load_model(PRETRAINED if self.has_pretrained else self.model_names[0])
 
+    def load_pretrained_model(self) -> nn.Module:
+        if not self.has_pretrained:
+            raise InputError(f"the model pool has no pretrained model; add `{PRETRAINED}: <model>` under `models`")
+        return self.load_model(PRETRAINED)
+
+    def get_model_config(self, name: str, return_copy: bool = True) -> Any:
+        """FusionBench's name for what the pool was given for `name`."""
+        spec = self.model_spec(name)
+        return copy.deepcopy(spec) if return_copy and not isinstance(spec, nn.Module) else spec
+
+    def get_model_path(self, name: str) -> str:
+        spec = self.model_spec(name)
+        if not isinstance(spec, str):
+            raise InputError(f"model {name!r} is given as {type(spec).__name__}, not as a path")
+        return spec
+
+    @staticmethod
+    def is_special_model(name: str) -> bool:
+        return is_special_name(name)
+
+    def models(self) -> Iterator[nn.Module]:
+        """The task models, loaded one after the other."""
+        return (self.load_model(name) for name in self.model_names)
+
+    def named_models(self) -> Iterator[tuple[str, nn.Module]]:
+        return ((name, self.load_model(name)) for name in self.model_names)
+
+    def prepare(self) -> None:
+        """Make every model available before merging (download, build), so that this time is not
+        counted as merging and a missing model fails before any merge. Nothing to do by default."""
+
+    def local_paths(self) -> dict[str, Path]:
+        """{what it is: path} of the local files and folders the pool reads; a merged model is
+        never saved over them."""
+        specs = {"models": self._models, "train_datasets": self._train_datasets, "val_datasets": self._val_datasets, "test_datasets": self._test_datasets}
+        return {f"the model pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(_plain(spec), key).items()}
+
+    def save_model(self, model: nn.Module, path: str | Path, *, save_tokenizer: bool = False) -> None:
+        """Write `model` into the folder `path`: Hugging Face format (save_pretrained) for
+        transformers models, else `model.safetensors`; with save_tokenizer, the pool's tokenizer too."""
+        if hasattr(model, "save_pretrained"):
+            model.save_pretrained(path)
+        else:
+            save_safetensors(model, str(Path(path) / "model.safetensors"))
+        if save_tokenizer:
+            self.load_tokenizer().save_pretrained(path)
+
+    def check_save_kwargs(self, kwargs: Mapping[str, Any], *, saving: bool = True) -> None:
+        """Before merging: `kwargs` (merged_model_save_kwargs) are keys save_model takes, and a
+        tokenizer asked for can be loaded (when saving)."""
+        accepted = [name for name in inspect.signature(self.save_model).parameters if name not in ("model", "path")]
+        for key in kwargs:
+            if key not in accepted:
+                raise InputError(f"merged_model_save_kwargs has an unknown key {key!r}; {type(self).__name__}.save_model takes: {', '.join(accepted)}")
+        if saving and kwargs.get("save_tokenizer"):
+            self.load_tokenizer()
+
+    def load_tokenizer(self) -> Any:
+        raise InputError(f"{type(self).__name__} has no tokenizer to save; drop save_tokenizer from merged_model_save_kwargs")
+
     @property
     def train_dataset_names(self) -> list[str]:
         return list(self._train_datasets or {})
@@ -122,6 +187,10 @@ class BaseModelPool:
 
     def load_test_dataset(self, name: str) -> Any:
         return _load_dataset(self._test_datasets, "test", name)
+
+
+def _plain(spec: Any) -> Any:
+    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
 
 
 def _load_dataset(datasets: Mapping[str, Any] | None, split: str, name: str) -> Any:

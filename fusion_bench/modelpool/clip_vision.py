@@ -16,7 +16,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.huggingface import AutoModelPool
 
 _PLATFORMS = ("hf", "huggingface")

@@ -1,33 +1,52 @@
-"""Models from Hugging Face folders, hub ids or .safetensors files, read lazily where possible."""
+"""Models from Hugging Face folders, hub ids, or bare .safetensors / PyTorch state-dict files,
+read lazily where possible."""
 
 import json
-from collections.abc import Mapping
+import pickle
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import get_class
+from safetensors import SafetensorError
 from torch import nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, tied_names, unique_state_dict_keys
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
+from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, error_summary, weights_only_refusal
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+_ACCEPTED = "a Hugging Face model folder or hub id, a .safetensors file, or a .bin/.pt/.pth state dict"
+# What transformers raises for an unusable folder: unreadable or invalid config.json, missing or
+# damaged weights. Anything else (a TypeError, say) is a bug and keeps its traceback.
+_LOAD_ERRORS = (OSError, ValueError, EOFError, SafetensorError)
 
 
 class AutoModelPool(BaseModelPool):
-    """`models` maps names to local Hugging Face folders, hub ids, or `.safetensors` state dicts
-    (which take the architecture of `_pretrained_`); they load with `model_class`.from_pretrained.
+    """`models` maps names to local Hugging Face folders, hub ids, or bare state dicts
+    (`.safetensors`, or `.bin`/`.pt`/`.pth` saved with torch.save), which take the architecture of
+    `_pretrained_`; folders and hub ids load with `model_class`.from_pretrained.
 
-    Methods read their safetensors tensor by tensor instead of loading whole models.
+    Methods read safetensors and bare state dicts tensor by tensor instead of loading whole models.
     """
 
-    def __init__(self, models: Mapping[str, Any], *, model_class: str = "transformers.AutoModel", **datasets):
-        super().__init__(models, **datasets)
+    def __init__(
+        self,
+        models: Mapping[str, Any],
+        *,
+        model_class: str = "transformers.AutoModel",
+        train_datasets: Mapping[str, Any] | None = None,
+        val_datasets: Mapping[str, Any] | None = None,
+        test_datasets: Mapping[str, Any] | None = None,
+    ):
+        super().__init__(models, train_datasets=train_datasets, val_datasets=val_datasets, test_datasets=test_datasets)
         self.model_class_name = model_class
         self._architectures: dict[str, nn.Module] = {}  # by config.json text: task models share one
 
@@ -41,24 +60,46 @@ class AutoModelPool(BaseModelPool):
     def load_model_from_spec(self, name: str, spec: Any) -> nn.Module:
         path = self.model_path(name)
         if path.is_file():  # a bare state dict: the architecture is the pretrained model's
+            state_dict = self.state_dict(name)  # first: it checks that _pretrained_ is not bare too
             model = self.load_model_copy(PRETRAINED)
-            state_dict = self.state_dict(name)
             missing = [key for key in unique_state_dict_keys(model) if key not in state_dict]
             if missing:
                 raise InputError(f"{path} lacks {missing[0]!r} of the pretrained model; is it a checkpoint of that model?")
             model.load_state_dict(dict(state_dict), strict=False)  # tied names follow their first name
             return model
-        return self.model_class.from_pretrained(path)
+        _require_config(name, path)
+        with _named_load_errors(name, path):
+            return self.model_class.from_pretrained(path)
+
+    def prepare(self) -> None:
+        """Fetch (hub ids) or find (paths) every model before merging: a missing one fails here,
+        and download time is not counted as merging."""
+        for name in self.all_model_names:
+            if isinstance(self.model_spec(name), str):
+                self.model_path(name)
+
+    def load_tokenizer(self) -> Any:
+        """The tokenizer saved with `_pretrained_` (else the first model), for save_tokenizer."""
+        from transformers import AutoTokenizer
+
+        name = PRETRAINED if self.has_pretrained else self.model_names[0]
+        path = self.model_path(name)
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            raise InputError(f"model {name!r} ({path}) has no tokenizer to save ({error_summary(error)}); drop save_tokenizer from merged_model_save_kwargs") from None
 
     def model_path(self, name: str) -> Path:
-        """The local folder or .safetensors file of model `name`, fetched from the hub if need be."""
+        """The local folder or checkpoint file of model `name`, fetched from the hub if need be."""
         spec = self.model_spec(name)
         if not isinstance(spec, str):
             raise InputError(f"model {name!r} must be a path or a hub id, got {spec!r}")
         path = Path(spec).expanduser()
+        if path.is_file() and path.suffix not in _CHECKPOINT_SUFFIXES:
+            raise InputError(f"model {name!r}: {path} is not a model file fusion_bench reads; give {_ACCEPTED}")
         if path.exists():
             return path
-        if path.suffix == ".safetensors" or spec.startswith((".", "/", "~")):
+        if path.suffix in _CHECKPOINT_SUFFIXES or spec.startswith((".", "/", "~")):
             raise InputError(f"model {name!r}: {spec} does not exist; check the path")
         return _hub_snapshot(name, spec)
 
@@ -67,34 +108,91 @@ class AutoModelPool(BaseModelPool):
         if not isinstance(spec, str):
             return super().state_dict(name)
         path = self.model_path(name)
-        files = _safetensors_files(path)
-        if not files:
-            return super().state_dict(name)
-        architecture = self._meta_model(self.model_path(PRETRAINED) if path.is_file() else path)
+        if path.is_file():
+            return self._bare_state_dict(name, path)
+        with _named_load_errors(name, path):
+            files = _folder_safetensors(path)
+        lazy = self._lazy_state_dict(files, self._meta_model(path, name)) if files else None
+        return lazy if lazy is not None else super().state_dict(name)  # from_pretrained knows how
+
+    def _bare_state_dict(self, name: str, path: Path) -> LazyStateDict:
+        """The tensors of a state-dict file, under the names of `_pretrained_`'s architecture."""
+        architecture = self._meta_model(self._pretrained_folder(name, path))
+        file = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchStateDictFile(path)
+        lazy = self._lazy_state_dict([file], architecture)
+        if lazy is None:
+            raise InputError(
+                f"model {name!r}: {path} cannot be read as a bare state dict, as loading this architecture "
+                "converts its tensors; save the model with save_pretrained and give the folder"
+            )
+        return lazy
+
+    def _pretrained_folder(self, name: str, path: Path) -> Path:
+        """The folder of `_pretrained_`, whose architecture the bare state dict of model `name` takes."""
+        if not self.has_pretrained:
+            raise InputError(
+                f"model {name!r} is a bare state dict ({path}) and takes the architecture of {PRETRAINED}; "
+                f"add the model it was fine-tuned from as {PRETRAINED}: <folder or hub id> under `models`"
+            )
+        folder = self.model_path(PRETRAINED)
+        if folder.is_file():
+            raise InputError(f"model {PRETRAINED!r} is a bare state dict ({folder}), which has no architecture; give it as a Hugging Face model folder or hub id")
+        return folder
+
+    def _lazy_state_dict(self, files: Sequence[SafetensorsFile | TorchStateDictFile], architecture: nn.Module) -> SafetensorsStateDict | None:
+        """The files' tensors under the architecture's names; None when loading transforms
+        tensors (only from_pretrained knows how)."""
         file_keys = [key for file in files for key in file.keys()]
         key_map = checkpoint_key_map(architecture, file_keys)
-        if key_map is None:  # loading transforms tensors: only from_pretrained knows how
-            return super().state_dict(name)
+        if key_map is None:
+            return None
         loaded = _loaded_ties(tied_names(architecture), key_map, SafetensorsStateDict(files, key_map))
         return SafetensorsStateDict(
             files, {key: key_map[source] for key, (source, _) in loaded.items()}, {key: names for key, (_, names) in loaded.items()}
         )
 
-    def _meta_model(self, folder: Path) -> nn.Module:
-        """The architecture of the model in `folder`, without weights (meta device)."""
-        if not (folder / "config.json").is_file():
-            raise InputError(f"{folder} has no config.json; is it a Hugging Face model folder?")
-        config_text = (folder / "config.json").read_text()
-        if config_text not in self._architectures:
-            cls = self.model_class
-            with torch.device("meta"):
-                if hasattr(cls, "from_config"):  # the Auto* classes
-                    from transformers import AutoConfig
-
-                    self._architectures[config_text] = cls.from_config(AutoConfig.from_pretrained(folder))
-                else:
-                    self._architectures[config_text] = cls(cls.config_class.from_pretrained(folder))
+    def _meta_model(self, folder: Path, name: str = PRETRAINED) -> nn.Module:
+        """The architecture of the model in `folder` (model `name`, for errors), without weights
+        (meta device)."""
+        _require_config(name, folder)
+        with _named_load_errors(name, folder):
+            config_text = (folder / "config.json").read_text()
+            if config_text not in self._architectures:
+                self._architectures[config_text] = self._build_on_meta(folder)
         return self._architectures[config_text]
+
+    def _build_on_meta(self, folder: Path) -> nn.Module:
+        cls = self.model_class
+        with torch.device("meta"):
+            if hasattr(cls, "from_config"):  # the Auto* classes
+                from transformers import AutoConfig
+
+                return cls.from_config(AutoConfig.from_pretrained(folder))
+            return cls(cls.config_class.from_pretrained(folder))
+
+
+def _require_config(name: str, folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise InputError(f"model {name!r}: {folder} has no config.json; is it a Hugging Face model folder? Give one saved with save_pretrained")
+
+
+@contextmanager
+def _named_load_errors(name: str, path: Path) -> Iterator[None]:
+    """Errors that transformers raises on a bad model folder, as one line naming the model."""
+    try:
+        yield
+    except InputError:
+        raise
+    except pickle.UnpicklingError as error:
+        raise InputError(
+            f"model {name!r}: the weights in {path} are not a plain state dict: torch.load(weights_only=True) refuses them "
+            f"({weights_only_refusal(error)}); fusion_bench never runs a checkpoint's pickled code; save the model as safetensors"
+        ) from error
+    except _LOAD_ERRORS as error:
+        raise InputError(
+            f"model {name!r} cannot be loaded from {path} ({error_summary(error)}); "
+            "check that it is a complete Hugging Face model folder (config.json and weights)"
+        ) from error
 
 
 def _loaded_ties(groups: dict[str, list[str]], key_map: Mapping[str, str], tensors: LazyStateDict) -> dict[str, tuple[str, list[str]]]:
@@ -122,9 +220,7 @@ def _same_tensor(tensors: LazyStateDict, a: str, b: str) -> bool:
     return tensors.shape(a) == tensors.shape(b) and torch.equal(tensors[a], tensors[b])
 
 
-def _safetensors_files(path: Path) -> list[SafetensorsFile]:
-    if path.is_file():
-        return [SafetensorsFile(path)] if path.suffix == ".safetensors" else []
+def _folder_safetensors(path: Path) -> list[SafetensorsFile]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 
 ADAPTER_CONFIG = "adapter_config.json"

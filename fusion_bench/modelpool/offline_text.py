@@ -6,9 +6,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench.cache import build_once, cache_dir, file_digest, fingerprint
-from fusion_bench.errors import InputError
-from fusion_bench.finetuning import FinetuneRecipe, finetune_text_encoder
+from fusion_bench.utils.cache import build_once, cache_dir, file_digest, fingerprint
+from fusion_bench.utils.errors import InputError
+from fusion_bench.training.finetuning import FinetuneRecipe, finetune_text_encoder
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.tasks.offline_text import TASKS
@@ -50,6 +50,10 @@ class OfflineTextPool(AutoModelPool):
         if name in self.model_names:
             self.build([name])
         return super().model_path(name)
+
+    def prepare(self) -> None:
+        """Fine-tune (once) the task models the cache lacks: reported as preparation, not merging."""
+        self.build()
 
     def build(self, names: Sequence[str] | None = None) -> None:
         """Fine-tune the task models that are not in the cache yet."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 _DTYPES = {
     "F64": torch.float64,

@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
@@ -106,7 +106,11 @@ class Seq2SeqLMPool(AutoModelPool):
             spec = OmegaConf.to_container(spec, resolve=True)
         if isinstance(spec, Mapping):
             return instantiate(spec)
-        return AutoTokenizer.from_pretrained(spec if spec is not None else self.model_path(PRETRAINED))
+        source = spec if spec is not None else self.model_path(PRETRAINED)
+        try:
+            return AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError) as error:
+            raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({str(error).splitlines()[0]}); check the `tokenizer` key") from None
 
     @cached_property
     def _pretrained_state_dict(self) -> LazyStateDict:

@@ -5,7 +5,7 @@ Each pool's module is imported when the pool is first named (PEP 562): the text 
 a run with another task pool never needs.
 """
 
-from fusion_bench.lazy_exports import lazy_exports
+from fusion_bench.utils.lazy_exports import lazy_exports
 
 _MODULES = {
     "BaseTaskPool": "base",

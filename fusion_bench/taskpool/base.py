@@ -1,24 +1,56 @@
 """The task pool: how a merged model is scored, task by task."""
 
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from fusion_bench.reporting.report import average_metrics
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.parameters import model_summary
+
 TaskMetrics = dict[str, dict[str, float]]  # {task: {metric: value}}
+_METADATA_KEYS = ("_usage_", "_version_")  # FusionBench's descriptive keys
 
 
 class BaseTaskPool:
     """Scores a model on each of its tasks.
 
-    uses_fabric: whether `evaluate` needs a Lightning Fabric (device placement); the program only
+    Subclasses implement `evaluate_tasks`; `evaluate` returns FusionBench's report layout:
+    {task: metrics, ..., "average": {...}, "model_info": {...}}.
+    uses_fabric: whether evaluation needs a Lightning Fabric (device placement); the program only
     creates (and imports) one for pools that do.
     """
 
     uses_fabric = False
 
+    def __init__(self, **kwargs: Any):
+        unknown = [key for key in kwargs if key not in _METADATA_KEYS]
+        if unknown:
+            raise InputError(f"{type(self).__name__} got an unknown key {unknown[0]!r}")
+
     def check_modelpool(self, modelpool: Any) -> None:
         """Raise InputError if the pool's models cannot be scored here. The program calls this
         before merging, so a mismatch costs no merge; the default accepts any pool."""
 
-    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def prepare(self) -> None:
+        """Load and check what does not depend on the merged model (datasets, configs), before the
+        merge, so bad input fails before any merging and before anything is saved."""
+
+    def local_paths(self) -> dict[str, Path]:
+        """{what it is: path} of the local files and folders the pool reads; a merged model is
+        never saved over them."""
+        return {}
+
+    def evaluate(self, model: nn.Module, fabric: Any = None) -> dict[str, Any]:
+        """FusionBench's report: each task's metrics, their average, and the model's size."""
+        tasks = self.evaluate_tasks(model, fabric)
+        report: dict[str, Any] = dict(tasks)
+        if tasks:
+            report["average"] = average_metrics(tasks)
+        report["model_info"] = model_summary(model)
+        return report
+
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         raise NotImplementedError
+

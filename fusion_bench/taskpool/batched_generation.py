@@ -9,7 +9,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from fusion_bench.utils.progress import progress_bar
 
 from fusion_bench.taskpool.tokenized_cache import TokenizedTexts
 
@@ -32,7 +32,7 @@ def generate_answers(
     lengths = prompts.lengths()
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     answers: list[str | None] = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc=desc, unit="example", leave=False) as progress:
+    with progress_bar(total=len(prompts), desc=desc, unit="example") as progress:
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
             width = int(lengths[batch[0]])

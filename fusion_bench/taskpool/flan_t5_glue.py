@@ -9,7 +9,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.batched_generation import generate_answers
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
@@ -36,6 +36,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
     dataset_path: what datasets.load_dataset reads GLUE from: a hub id or a local folder with the
         same configs (task names) and splits.
     max_samples: evaluate only the first max_samples examples of each task (null: all).
+    fast_dev_run: evaluate one batch per task.
     cache_dir: where tokenized prompts are cached (null: $FUSION_BENCH_CACHE/tokenized, by default
         ~/.cache/fusion_bench/tokenized).
     """
@@ -51,6 +52,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         batch_size: int = 32,
         max_new_tokens: int = 9,
         max_samples: int | None = None,
+        fast_dev_run: bool = False,
         cache_dir: str | None = None,
     ):
         self.tasks = [_task_entry(entry) for entry in _plain(tasks)]
@@ -68,19 +70,24 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         self.dataset_path = dataset_path
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
-        self.max_samples = max_samples
+        self.max_samples = min(max_samples or batch_size, batch_size) if fast_dev_run else max_samples
+        self._examples_of: dict[str, tuple[list[str], list[str]]] = {}
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
 
-    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
-        """{task: {score, accuracy or spearman_rho, unparseable}} on the Fabric's device (else CPU)."""
-        from transformers import AutoTokenizer
+    def prepare(self) -> None:
+        """Before merging: the tokenizer and every task's examples load."""
+        self._tokenizer()
+        for name, task, split in self.tasks:
+            self._examples(name, task, split)
 
-        tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_name)
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+        """{task: {score, accuracy or spearman_rho, unparseable}} on the Fabric's device (else CPU)."""
+        tokenizer = self._tokenizer()
         device = fabric.device if fabric is not None else torch.device("cpu")
         model = model.to(device).eval()
         results = {}
         for name, task, split in self.tasks:
-            prompts, targets = self._examples(task, split)
+            prompts, targets = self._examples(name, task, split)
             tokenized = tokenize_cached(tokenizer, prompts, max_length=_max_length(tokenizer), cache_dir=self.cache_dir)
             answers = generate_answers(
                 model,
@@ -102,8 +109,21 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
             log.info("%s: %s", name, results[name])
         return results
 
-    def _examples(self, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
-        """The prompts and expected answers of the split (its first max_samples examples)."""
+    def _tokenizer(self):
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.tokenizer_name)
+        except (OSError, ValueError) as error:
+            raise InputError(f"the task pool's tokenizer {self.tokenizer_name!r} cannot be loaded ({str(error).splitlines()[0]}); check the hub id or folder") from None
+
+    def _examples(self, name: str, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
+        """The prompts and expected answers of the split (its first max_samples examples), loaded once."""
+        if name not in self._examples_of:
+            self._examples_of[name] = self._load_examples(task, split)
+        return self._examples_of[name]
+
+    def _load_examples(self, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
         from datasets import load_dataset
 
         try:
@@ -111,7 +131,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         except Exception as error:
             raise InputError(
                 f"cannot load GLUE task {task.name!r} (split {split!r}) from dataset_path={self.dataset_path!r}: "
-                f"{type(error).__name__}: {error}"
+                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             ) from error
         if self.max_samples is not None:
             dataset = dataset.select(range(min(self.max_samples, len(dataset))))

@@ -5,6 +5,8 @@ disk; the evaluated encoder only supplies the text embeddings. Texts are batched
 spare padding. Per task: accuracy and cross-entropy (summed over examples, then divided).
 """
 
+import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,16 +14,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer, BertModel
 
-from fusion_bench.cache import cache_dir, file_digest, fingerprint, write_atomically
-from fusion_bench.errors import InputError
-from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
 from fusion_bench.modelpool.offline_text import packaged_minilm
+from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_datasets import task_splits
+from fusion_bench.utils.cache import cache_dir, file_digest, fingerprint, write_atomically
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("test", "validation")
 
@@ -58,8 +62,16 @@ class TextClassificationTaskPool(BaseTaskPool):
         self._heads: dict[str, Tensor] = {}
         self._base_digest: str | None = None
 
+    def prepare(self) -> None:
+        """Before merging: the base encoder's folder holds a BERT config and weights."""
+        if not (self.base_model / "config.json").is_file() or not (self.base_model / "model.safetensors").is_file():
+            raise InputError(f"the task pool's base_model {self.base_model} is no encoder folder (config.json and model.safetensors); check the path")
+
+    def local_paths(self) -> dict[str, Path]:
+        return {"the task pool's base_model": self.base_model}
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         self._check_fits(model)
         tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         model = fabric.to_device(model) if fabric else model
@@ -67,6 +79,7 @@ class TextClassificationTaskPool(BaseTaskPool):
         device = next(model.parameters()).device
         results = {}
         for task in self.tasks:
+            start = time.perf_counter()
             data = task_splits(task, self.seed)[self.split]
             if self.max_samples:
                 data = data.select(range(min(self.max_samples, len(data))))
@@ -74,7 +87,7 @@ class TextClassificationTaskPool(BaseTaskPool):
             correct, loss, seen = 0, 0.0, 0
             order = sorted(range(len(data)), key=lambda i: len(data[i]["text"]))
             batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][: self.batches_per_task]
-            for batch in tqdm(batches, desc=f"evaluating {task}", leave=False):
+            for batch in progress_bar(batches, desc=f"evaluating {task}"):
                 rows = data[batch]
                 tokens = tokenizer(rows["text"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(device)
                 labels = torch.tensor(rows["label"], device=device)
@@ -83,6 +96,7 @@ class TextClassificationTaskPool(BaseTaskPool):
                 loss += float(F.cross_entropy(scores, labels, reduction="sum"))
                 seen += len(batch)
             results[task] = {"accuracy": correct / seen, "loss": loss / seen}
+            log.info("%s: accuracy %.4f, loss %.4f (%d texts, %.1f s)", task, correct / seen, loss / seen, seen, time.perf_counter() - start)
         return results
 
     def head(self, task: str) -> Tensor:

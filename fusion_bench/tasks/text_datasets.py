@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from fusion_bench.cache import build_once, cache_dir
+from fusion_bench.utils.cache import build_once, cache_dir
 from fusion_bench.tasks.offline_text import TASKS, TextTask, examples
 
 TEST_SIZE = 400

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 
 def _size_field(size: Any, key: str) -> int | None:

@@ -1,27 +1,34 @@
 """Zero-shot image classification with CLIP: the merged vision tower, the base model's text tower."""
 
+import logging
 import os
+import time
 from collections.abc import Mapping
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from fusion_bench.cache import cache_dir
-from fusion_bench.dataset_loading import load_dataset_spec
-from fusion_bench.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, evaluation_indices
 from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
 from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_head, head_key, text_tower_digest
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
+from fusion_bench.utils.cache import cache_dir
+from fusion_bench.utils.dataset_loading import load_dataset_spec
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.local_paths import local_paths_in
+from fusion_bench.utils.progress import progress_bar
+
+log = logging.getLogger(__name__)
 
 # The tokenizer runs (for heads) before DataLoader workers fork; tokenizers would warn at every fork
 # and turn its threads off anyway.
@@ -35,7 +42,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     """Scores a CLIP vision tower on image classification tasks, zero-shot.
 
     The tower replaces the vision tower of `base_model`, a full CLIPModel (hub id or folder; or
-    `clip_model` and `processor` as FusionBench configs them). Each task's head is its class names
+    `clip_model`, `processor` and `data_processor` as FusionBench configs them: data_processor
+    prepares the images, processor's tokenizer the class prompts). Each task's head is its class names
     in its prompt templates through the text tower (`fusion_bench.tasks.clip_classification`),
     computed once and cached on disk. Per task: accuracy, and cross-entropy averaged over samples.
 
@@ -44,6 +52,8 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     dataloader_kwargs: batch_size, num_workers, pin_memory, prefetch_factor.
     fast_dev_run: score one batch per task. max_samples: score at most this many images per task,
         drawn at random with a fixed seed.
+    layer_wise_feature_save_path: FusionBench's dump of every layer's features; not supported, so
+        only null is taken (layer_wise_feature_first_token_only and _max_num only apply with it).
     """
 
     uses_fabric = True
@@ -55,10 +65,21 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         base_model: str = "openai/clip-vit-base-patch32",
         clip_model: str | Mapping[str, Any] | None = None,
         processor: str | Mapping[str, Any] | None = None,
+        data_processor: str | Mapping[str, Any] | None = None,
         dataloader_kwargs: Mapping[str, Any] | None = None,
         fast_dev_run: bool = False,
         max_samples: int | None = None,
+        layer_wise_feature_save_path: str | None = None,
+        layer_wise_feature_first_token_only: bool = True,
+        layer_wise_feature_max_num: int | None = None,
+        **kwargs: Any,
     ):
+        super().__init__(**kwargs)
+        if layer_wise_feature_save_path is not None:
+            raise InputError(
+                f"layer_wise_feature_save_path={layer_wise_feature_save_path} asks for FusionBench's layer-wise feature dump, "
+                "which fusion_bench does not support; set it to null"
+            )
         if not test_datasets:
             raise InputError("the task pool has no test_datasets; list them as <task>: <dataset>")
         self._test_datasets = dict(test_datasets.items())
@@ -66,6 +87,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self._clip_spec = _plain(clip_model) if clip_model is not None else base_model
         self._base_name = self._clip_spec if isinstance(self._clip_spec, str) else base_model  # for messages
         self._processor_spec = _plain(processor) if processor is not None else base_model
+        self._data_processor_spec = _plain(data_processor) if data_processor is not None else self._processor_spec
         self.dataloader_kwargs = _check_dataloader_kwargs(_plain(dataloader_kwargs) or {})
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
             raise InputError(f"max_samples={max_samples!r} must be a positive integer, or null for every sample")
@@ -74,17 +96,19 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.head_cache = HeadCache(cache_dir("clip_zeroshot_heads"))
         self._clip: nn.Module | None = None
         self._processor: Any = None
+        self._data_processor: Any = None
         self._text_digest: str | None = None
         self._heads: dict[str, Tensor] = {}
         self._datasets: dict[str, Any] = {}
 
     def check_modelpool(self, modelpool: BaseModelPool) -> None:
         """Before merging: the pool's base tower must fit `base_model` (read from config files only)."""
-        if not isinstance(self._clip_spec, str):
-            return  # a clip_model built by a config: checked on the merged model
-        base = _read_config(self._clip_spec, "base_model")
+        clip_path = _pretrained_path(self._clip_spec)
+        if clip_path is None:
+            return  # a clip_model built by some other config: checked on the merged model
+        base = _read_config(clip_path, "base_model")
         if base is None or base.model_type != "clip":
-            raise InputError(f"the task pool's base_model {self._clip_spec!r} is not a CLIP model; name a CLIPModel's hub id or folder")
+            raise InputError(f"the task pool's base_model {clip_path!r} is not a CLIP model; name a CLIPModel's hub id or folder")
         name = PRETRAINED if modelpool.has_pretrained else modelpool.model_names[0]
         spec = modelpool.model_spec(name)
         if isinstance(spec, nn.Module):
@@ -96,8 +120,21 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         tower = tower.vision_config if getattr(tower, "model_type", None) == "clip" else tower
         check_tower_fits(tower, base.vision_config, self._base_name, what=f"the pool's model {name!r}")
 
+    def prepare(self) -> None:
+        """Before merging: every test set loads and has the task's classes; the processors' configs read."""
+        for spec, key in ((self._processor_spec, "processor"), (self._data_processor_spec, "data_processor")):
+            path = _pretrained_path(spec)
+            if path is not None:
+                _read_config(path, f"the task pool's {key}")
+        for task in self.tasks:
+            self.dataset(task)
+
+    def local_paths(self) -> dict[str, Path]:
+        specs = {"base_model": self._clip_spec, "processor": self._processor_spec, "data_processor": self._data_processor_spec, "test_datasets": self._test_datasets}
+        return {f"the task pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(spec, key).items()}
+
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         clip = self._load_clip()
         check_tower_fits(getattr(model, "config", None), clip.config.vision_config, self._base_name)
         device = fabric.device if fabric is not None else torch.device("cpu")
@@ -105,15 +142,16 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         tower = model.to(device)
         projection = clip.visual_projection.to(device)
         logit_scale = clip.logit_scale.exp().to(device)
-        transform = CLIPImageTransform(self._load_processor().image_processor)
+        transform = CLIPImageTransform(self._load_data_processor())
         autocast = fabric.autocast if fabric is not None else nullcontext
         results = {}
         for task in self.tasks:
+            start = time.perf_counter()
             head = self.head(task, device)
             batches = ImageBatches(self.dataset(task), self._indices(task), self.dataloader_kwargs["batch_size"], transform)
             correct = torch.zeros((), dtype=torch.long, device=device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            with tqdm(total=len(batches.indices), desc=task, unit="img", leave=False) as bar:
+            with progress_bar(total=len(batches.indices), desc=task, unit="img") as bar:
                 for images, labels in self._loader(batches, device):
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                     with autocast():
@@ -125,6 +163,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
                     bar.update(len(labels))
             samples = len(batches.indices)
             results[task] = {"accuracy": correct.item() / samples, "loss": loss_sum.item() / samples}
+            log.info("%s: accuracy %.4f, loss %.4f (%d images, %.1f s)", task, results[task]["accuracy"], results[task]["loss"], samples, time.perf_counter() - start)
         return results
 
     def head(self, task: str, device: torch.device) -> Tensor:
@@ -190,6 +229,27 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             self._processor = _load_pretrained(self._processor_spec, "transformers.CLIPProcessor", "processor")
         return self._processor
 
+    def _load_data_processor(self) -> Any:
+        """The image processor: data_processor's (a CLIPProcessor's image part, or an image processor)."""
+        if self._data_processor is None:
+            if self._data_processor_spec == self._processor_spec:
+                processor = self._load_processor()
+            else:
+                processor = _load_pretrained(self._data_processor_spec, "transformers.CLIPProcessor", "data_processor")
+            self._data_processor = getattr(processor, "image_processor", processor)
+        return self._data_processor
+
+
+def _pretrained_path(spec: Any) -> str | None:
+    """The hub id or folder a model spec loads: itself, or a from_pretrained config's
+    pretrained_model_name_or_path (FusionBench's form); None for other configs."""
+    if isinstance(spec, str):
+        return spec
+    if isinstance(spec, Mapping) and str(spec.get("_target_", "")).endswith(".from_pretrained"):
+        path = spec.get("pretrained_model_name_or_path")
+        return path if isinstance(path, str) else None
+    return None
+
 
 def _plain(value: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
@@ -211,10 +271,13 @@ def _check_dataloader_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
 
 def _load_pretrained(spec: Any, class_path: str, key: str) -> Any:
     """A `_target_` config, or a hub id or folder loaded with `class_path`.from_pretrained."""
-    if isinstance(spec, Mapping):
-        return instantiate(spec)
     try:
+        if isinstance(spec, Mapping):
+            return instantiate(spec)
         return get_class(class_path).from_pretrained(spec)
+    except InstantiationException as error:
+        cause = error.__cause__ or error
+        raise InputError(f"the task pool's {key} cannot be built ({type(cause).__name__}: {str(cause).splitlines()[0]}); check its config") from None
     except OSError as error:
         raise InputError(f"the task pool's {key} {spec!r} cannot be loaded ({str(error).splitlines()[0]}); check the hub id or folder") from error
 

@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 _SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "patch_size", "image_size", "num_channels")
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from tqdm.auto import tqdm
+from fusion_bench.utils.progress import progress_bar
 
-from fusion_bench.cache import write_atomically
+from fusion_bench.utils.cache import write_atomically
 from fusion_bench.tasks.clip_classification import ClassificationTask
 
 _FORMAT = 1  # bump when the computation changes, so old files are not read
@@ -46,7 +46,7 @@ def compute_head(clip_model: Any, tokenizer: Any, task: ClassificationTask, devi
     """The (classes × embedding) head, float32, rows of unit length."""
     prompts = task.prompts()
     embeddings = []
-    for start in tqdm(range(0, len(prompts), _PROMPTS_PER_BATCH), desc=f"zero-shot head {description}".strip(), leave=False):
+    for start in progress_bar(range(0, len(prompts), _PROMPTS_PER_BATCH), desc=f"zero-shot head {description}".strip()):
         tokens = tokenizer(prompts[start : start + _PROMPTS_PER_BATCH], padding=True, truncation=True, return_tensors="pt")
         pooled = clip_model.text_model(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device)).pooler_output
         embeddings.append(clip_model.text_projection(pooled).float())

@@ -7,7 +7,7 @@ the configs give them (the keys of `test_datasets`, as in FusionBench).
 from dataclasses import dataclass
 from types import ModuleType
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 from fusion_bench.tasks.clip_classification import dtd, eurosat, gtsrb, mnist, resisc45, stanford_cars, sun397, svhn
 
 _TASKS: dict[str, ModuleType] = {

@@ -6,8 +6,8 @@ example other seeds, `modelpool.seed=1`) and lists where each one lives.
 
 from omegaconf import DictConfig
 
-from fusion_bench.errors import InputError
-from fusion_bench.instantiate import instantiate_checked
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import instantiate_checked
 from fusion_bench.modelpool.offline_text import OfflineTextPool
 
 

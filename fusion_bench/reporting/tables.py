@@ -16,8 +16,10 @@ from pathlib import Path
 
 from hydra.utils import get_class
 
-from fusion_bench.errors import InputError
-from fusion_bench.report import read_report
+from fusion_bench.utils.errors import InputError
+from fusion_bench.reporting.report import failed, meta, read_report, task_metrics
+
+REPORT_NAMES = ("report.json", "program_report.json")  # ours, and FusionBench's default name
 
 SHORT_NAMES = {
     "TiesMergingAlgorithm": "TIES",
@@ -50,25 +52,33 @@ class Row:
         return sum(self.scores.values()) / len(self.scores)
 
 
-def find_reports(paths: Iterable[str | Path]) -> list[dict]:
-    """Every report.json under the given directories (multirun sweeps included), or given files."""
+def find_reports(paths: Iterable[str | Path]) -> dict[Path, dict]:
+    """{file: report} for every report under the given directories (multirun sweeps included), or
+    the given files; failed runs' reports included."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
             raise InputError(f"{path} does not exist; point at a run or sweep directory")
-        files += sorted(path.rglob("report.json")) if path.is_dir() else [path]
+        files += sorted(file for name in REPORT_NAMES for file in path.rglob(name)) if path.is_dir() else [path]
     if not files:
         raise InputError(f"no report.json under {', '.join(map(str, paths))}; point at a run or sweep directory")
-    return [read_report(file) for file in files]
+    reports = {}
+    for file in files:
+        try:
+            reports[file] = read_report(file)
+        except (OSError, ValueError) as error:
+            raise InputError(f"cannot read {file}: {str(error).splitlines()[0]}") from None
+    return reports
 
 
 def rows_from_reports(reports: Sequence[dict], *, metric: str = "accuracy", normalized: bool = False) -> list[Row]:
+    """One row per method setting and split, from the completed runs (failed ones have no scores)."""
     rows: dict[tuple, Row] = {}
     individual: dict[str, Row] = {}
-    for report in reports:
-        method, split = report["config"]["method"], split_of(report)
-        n_models = sum(1 for name in report["models"] if not (name.startswith("_") and name.endswith("_")))
-        scores = {task: values[metric] for task, values in report["tasks"].items() if metric in values}
+    for report in (r for r in reports if not failed(r)):
+        method, split = meta(report)["config"]["method"], split_of(report)
+        n_models = sum(1 for name in meta(report)["models"] if not (name.startswith("_") and name.endswith("_")))
+        scores = {task: values[metric] for task, values in task_metrics(report).items() if metric in values}
         if method["_target_"].endswith("DummyAlgorithm") and method.get("model_name"):
             row = individual.setdefault(split, Row(INDIVIDUAL, None, split, 1))
             row.scores.update({task: score for task, score in scores.items() if is_model_of_task(method["model_name"], task)})
@@ -103,7 +113,7 @@ def is_model_of_task(model_name: str, task: str) -> bool:
 
 def split_of(report: dict) -> str:
     """The split a run was scored on (test for task pools without one)."""
-    return report["config"]["taskpool"].get("split", "test")
+    return (meta(report)["config"].get("taskpool") or {}).get("split", "test")
 
 
 def describe_method(method: dict) -> tuple[str, float | None]:

@@ -1,4 +1,4 @@
-"""Figures from report rows (fusion_bench.tables), saved as PNG with matplotlib.
+"""Figures from report rows (fusion_bench.reporting.tables), saved as PNG with matplotlib.
 
 - lambda_curves: average score against the scaling factor λ, one line per method;
 - task_scaling: average (normalised) score against the number of merged tasks, at each method's
@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no screen
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fusion_bench.tables import Row  # noqa: E402
+from fusion_bench.reporting.tables import Row  # noqa: E402
 
 
 def lambda_curves(rows: Sequence[Row], path: Path, *, ylabel: str = "average accuracy") -> Path | None:

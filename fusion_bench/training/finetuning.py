@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from fusion_bench.utils.progress import progress_bar
 from transformers import AutoTokenizer, BertModel
 
 from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
@@ -51,7 +51,7 @@ def finetune_text_encoder(base_model: Path, task_name: str, output: Path, *, rec
     order = _batches(len(train), recipe, seed)
     encoder.train()
     tail_losses, tail_correct = [], []
-    for step in tqdm(range(recipe.steps), desc=f"fine-tuning {task_name}", leave=False):
+    for step in progress_bar(range(recipe.steps), desc=f"fine-tuning {task_name}"):
         batch = train[order[step]]
         tokens = tokenizer(batch["text"], padding=True, truncation=True, max_length=recipe.max_length, return_tensors="pt")
         tokens = fabric.to_device(dict(tokens))

@@ -7,9 +7,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from fusion_bench import figures
-from fusion_bench.errors import InputError
-from fusion_bench.tables import find_reports, mark_best, render, rows_from_reports, split_of
+from fusion_bench.reporting import figures
+from fusion_bench.reporting.report import failed, meta
+from fusion_bench.reporting.tables import find_reports, mark_best, render, rows_from_reports, split_of
+from fusion_bench.utils.cache import write_atomically
+from fusion_bench.utils.errors import InputError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,16 +26,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--figures", type=Path, help="save PNG figures into this directory")
     args = parser.parse_args(argv)
     try:
-        reports = [r for r in find_reports(args.paths) if args.split in (None, split_of(r))]
-        rows = rows_from_reports(reports, metric=args.metric, normalized=args.normalized)
-        table_rows = mark_best(list(rows), select_on=args.select_on)
+        found = find_reports(args.paths)
+        for path, report in found.items():
+            if failed(report):  # listed, not dropped: a sweep with holes should say so
+                print(f"failed run: {path.parent}: {' '.join(meta(report)['overrides'])}: {meta(report)['error']['message']}", file=sys.stderr)
+        reports = [r for r in found.values() if args.split in (None, split_of(r))]
+        rows = [row for row in rows_from_reports(reports, metric=args.metric, normalized=args.normalized) if row.scores]
+        if not rows:
+            completed = sum(not failed(r) for r in reports)
+            raise InputError(
+                f"nothing to tabulate: {completed} completed run(s) with no {args.metric!r} score on any task "
+                f"({len(found) - completed} failed); runs with taskpool=dummy score nothing, and --metric names the per-task metric"
+            )
+        table_rows = mark_best(rows, select_on=args.select_on)
     except InputError as error:
         print(f"fusion_bench_report: error: {error}", file=sys.stderr)
         sys.exit(2)
     table = render(table_rows, args.format)
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
+        write_atomically(args.output, lambda temporary: temporary.write_text(table))
     else:
         print(table, end="")
     if args.figures:

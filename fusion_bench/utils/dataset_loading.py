@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.errors import InputError
+from fusion_bench.utils.errors import InputError
 
 
 def load_dataset_spec(name: str, spec: Any, split: str) -> Any:

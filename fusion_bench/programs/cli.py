@@ -1,0 +1,140 @@
+"""The `fusion_bench` command: compose the config with Hydra, build the program, run it.
+
+Bad input ends the run with one line naming the problem and the fix, and exit status 2: an
+InputError from our code, and Hydra's own refusals (an unknown config name, an override of a key
+that does not exist, an override that does not parse), which Hydra would otherwise print over
+several lines with exit status 1. In a sweep (--multirun) a failing run does not stop the others:
+it leaves a report saying why it failed, and the sweep exits non-zero at the end.
+"""
+
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fusion_bench.programs.config_choices import config_choices, register_choices_resolver
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import instantiate_checked
+from fusion_bench.utils.progress import configure_progress_bars
+
+log = logging.getLogger(__name__)
+
+_failed_runs: list[tuple[list[str], BaseException]] = []  # the failed jobs of a sweep
+
+
+@hydra.main(config_path="pkg://fusion_bench_config", config_name="fusion_bench", version_base=None)
+def _run(config: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        try:
+            instantiate_checked(config, "root").run()
+        except OmegaConfBaseException as error:  # an interpolation that names nothing, a value of the wrong type
+            raise InputError(f"the config cannot be resolved: {str(error).splitlines()[0]}") from error
+    except Exception as error:
+        if not in_sweep:
+            if isinstance(error, InputError):
+                _fail(str(error))  # here, before Hydra adds its own lines about the failed job
+            raise
+        overrides = list(HydraConfig.get().overrides.task)
+        _failed_runs.append((overrides, error))
+        log.error("run failed (%s): %s", " ".join(overrides), error, exc_info=not isinstance(error, InputError))
+        _write_failure_report(config, overrides, error)
+        raise  # Hydra records the job as failed and goes on with the next one
+
+
+def _write_failure_report(config: DictConfig, overrides: list[str], error: BaseException) -> None:
+    """A failed run's report: its settings and the reason, where its report would have gone."""
+    from fusion_bench.programs.fusion_program import _format_log_dir
+    from fusion_bench.reporting.report import build_report, write_report
+
+    try:
+        path = _format_log_dir(config.get("report_save_path"), config.get("log_dir"), "report_save_path")
+        if not path or Path(path).exists():
+            return
+        record = {group: OmegaConf.to_container(config[group], resolve=False) for group in ("method", "modelpool", "taskpool") if config.get(group) is not None}
+        write_report(build_report(tasks={}, model_info=None, config=record, models={}, timing={}, overrides=overrides, error=error), path)
+    except (InputError, OSError, OmegaConfBaseException) as failure:
+        log.warning("the failed run's report could not be written: %s", failure)
+
+
+def main() -> None:
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; the one-line messages are ours
+    register_choices_resolver()
+    configure_progress_bars()
+    try:
+        _run()
+    except Exception as error:
+        if _failed_runs:  # the sweep re-raised its first failed run at the end
+            _exit_sweep_failed()
+        message = _one_line_message(error)
+        if message is None:
+            raise
+        _fail(message)
+    else:
+        if _failed_runs:
+            _exit_sweep_failed()
+    finally:
+        # Nothing is collected after the run, yet at exit the interpreter would sweep the half
+        # million objects that torch and transformers create, about a second; frozen, it skips them.
+        gc.freeze()
+
+
+def _one_line_message(error: Exception) -> str | None:
+    """The message for bad input, from us or from Hydra; None for anything else (a bug)."""
+    if isinstance(error, InputError):
+        return str(error)
+    if isinstance(error, MissingConfigException):
+        return _missing_config_message(error)
+    if isinstance(error, ConfigCompositionException):
+        return _composition_message(error)
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override: {str(error).splitlines()[0]}; write key=value, e.g. method.scaling_factor=0.3"
+    return None
+
+
+def _fail(message: str) -> None:
+    print(f"fusion_bench: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _exit_sweep_failed() -> None:
+    for overrides, error in _failed_runs:
+        print(f"fusion_bench: failed run ({' '.join(overrides)}): {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+    total = len(_failed_runs)
+    print(f"fusion_bench: error: {total} run(s) of the sweep failed; each left a report.json saying why, the others ran", file=sys.stderr)
+    sys.exit(2 if all(isinstance(error, InputError) for _, error in _failed_runs) else 1)
+
+
+def _missing_config_message(error: MissingConfigException) -> str:
+    missing = error.missing_cfg_file or ""
+    group, _, name = missing.rpartition("/")
+    if not group:
+        return f"there is no config named {missing!r} (--config-name); the root configs are: fusion_bench, fabric_model_fusion, finetune"
+    top = group.split("/")[0]
+    listing = ", ".join(config_choices(top)) or "none"
+    return f"{top}={missing.removeprefix(top + '/')} is not a config; the choices are: {listing} (or add yours with --config-dir)"
+
+
+def _composition_message(error: ConfigCompositionException) -> str:
+    cause: Any = error.__cause__
+    key = getattr(cause, "full_key", None)
+    node = getattr(cause, "parent_node", None)
+    if key and node is not None and "not in struct" in str(cause):
+        group, _, name = str(key).rpartition(".")
+        keys = ", ".join(k for k in node if not str(k).startswith("_")) or "none"
+        return f"{key}: the {group or 'root'} config has no key {name!r}; its keys are: {keys}; to add a key the class takes, write +{key}=..."
+    return str(error).splitlines()[0]
+
+
+if __name__ == "__main__":
+    main()

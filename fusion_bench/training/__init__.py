@@ -1,0 +1,1 @@
+"""Training: fine-tuning the offline benchmark's task models."""

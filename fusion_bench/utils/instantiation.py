@@ -1,0 +1,93 @@
+"""hydra.utils.instantiate, after checking the config against the target's parameters.
+
+A misspelt key (`treshold: 20`), a missing one (`models:`), or a `???` left unset would otherwise
+surface as a TypeError or an OmegaConf error deep inside Hydra; here each is one line that names
+the key and the keys the class takes.
+"""
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import hydra.utils
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from fusion_bench.utils.errors import InputError
+
+log = logging.getLogger(__name__)
+
+_HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+_METADATA_KEYS = {"_usage_", "_version_"}  # FusionBench's descriptive keys: for readers, not constructors
+_EXAMPLE_TARGETS = {
+    "method": "fusion_bench.method.TiesMergingAlgorithm",
+    "modelpool": "fusion_bench.modelpool.AutoModelPool",
+    "taskpool": "fusion_bench.taskpool.DummyTaskPool",
+    "fabric": "lightning.Fabric",
+    "root": "fusion_bench.programs.FusionProgram",
+}
+
+
+def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
+    """FusionBench's `fusion_bench.utils.instantiate`: Hydra's instantiate, with None passed through."""
+    return None if config is None else hydra.utils.instantiate(config, *args, **kwargs)
+
+
+def instantiate_checked(config: Any, group: str, *, log_call: bool = False, **kwargs: Any) -> Any:
+    """Build the object a config describes; `group` (e.g. "method") names it in errors.
+    kwargs override the config's keys, as in hydra.utils.instantiate."""
+    example = _EXAMPLE_TARGETS.get(group, "package.module.Class")
+    if not isinstance(config, (DictConfig, Mapping)) or "_target_" not in config:
+        what = "is empty" if not config else "has no `_target_`"
+        raise InputError(f"the {group} config {what}; name the class to build, e.g. _target_: {example}")
+    if isinstance(config, DictConfig):
+        config = config.copy()  # a copy to strip the metadata keys from; interpolations still resolve against the root
+        with open_dict(config):
+            for key in _METADATA_KEYS & set(config):
+                config.pop(key)
+        missing = sorted(OmegaConf.missing_keys(config))
+        if missing:
+            raise InputError(f"the {group} config leaves {missing[0]} unset (???); give it a value, e.g. {group}.{missing[0]}=...")
+    target = config["_target_"]
+    try:
+        factory = hydra.utils.get_object(target)
+    except Exception as error:
+        raise InputError(f"the {group} config's _target_ {target!r} cannot be imported ({str(error).splitlines()[0]}); check the name") from None
+    _check_keys(factory, {*config, *kwargs} - _HYDRA_KEYS, group, target, partial=bool(config.get("_partial_")))
+    if log_call:
+        given = {key: value for key, value in config.items() if key not in _HYDRA_KEYS}
+        log.info("instantiating %s(%s)", target, ", ".join(f"{key}={value!r}" for key, value in {**given, **kwargs}.items()))
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as error:  # Hydra wraps what constructors raise
+        if isinstance(error.__cause__, InputError):
+            raise error.__cause__ from None
+        if isinstance(error.__cause__, OmegaConfBaseException):
+            raise InputError(f"the {group} config cannot be resolved: {_first_line(error.__cause__)}") from None
+        raise
+    except OmegaConfBaseException as error:  # an interpolation that names nothing, a bad value type
+        raise InputError(f"the {group} config cannot be resolved: {_first_line(error)}") from None
+
+
+def _check_keys(factory: Any, keys: set[str], group: str, target: str, *, partial: bool) -> None:
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let it check its own arguments
+        return
+    named = {name: p for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    known = ", ".join(named) if named else None
+    for key in sorted(keys):
+        if key not in named and not takes_any:
+            listing = f"its keys are: {known}" if known else "it takes no keys"
+            raise InputError(f"the {group} config has an unknown key {key!r} for {target}; {listing}")
+    required = [name for name, p in named.items() if p.default is p.empty and name not in keys]
+    if required and not partial:
+        raise InputError(f"the {group} config lacks {required[0]!r}, which {target} needs; its keys are: {known}")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0] if text else type(error).__name__
