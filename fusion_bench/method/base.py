@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import refuse_unknown_keys
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 
@@ -23,9 +24,7 @@ class BaseAlgorithm:
     _config_mapping: dict[str, str] = {}
 
     def __init__(self, **kwargs):
-        unknown = [key for key in kwargs if key not in ("_usage_", "_version_")]
-        if unknown:
-            raise InputError(f"{type(self).__name__} got an unknown key {unknown[0]!r}; check the method config")
+        refuse_unknown_keys(self, kwargs, "method")
 
     def on_run_start(self) -> None:
         """Called by the program just before `run`."""

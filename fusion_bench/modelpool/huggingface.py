@@ -22,6 +22,7 @@ from fusion_bench.modelpool.safetensors_file import SafetensorsFile
 from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, error_summary, weights_only_refusal
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt")
 _CHECKPOINT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 _ACCEPTED = "a Hugging Face model folder or hub id, a .safetensors file, or a .bin/.pt/.pth state dict"
 # What transformers raises for an unusable folder: unreadable or invalid config.json, missing or
@@ -84,6 +85,9 @@ class AutoModelPool(BaseModelPool):
 
         name = PRETRAINED if self.has_pretrained else self.model_names[0]
         path = self.model_path(name)
+        if path.is_dir() and not any(next(path.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+            # transformers would make an empty tokenizer from config.json alone
+            raise InputError(f"model {name!r} ({path}) has no tokenizer files to save; drop save_tokenizer from merged_model_save_kwargs")
         try:
             return AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:

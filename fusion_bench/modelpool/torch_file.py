@@ -11,6 +11,7 @@ _use_new_zipfile_serialization=False) cannot be mapped and are read into memory.
 """
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -67,7 +68,9 @@ def error_summary(error: BaseException) -> str:
 
 def _load(path: Path) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        with warnings.catch_warnings():  # torch warns about pickle protocols it may not read; it then refuses, or not, itself
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except pickle.UnpicklingError as error:
         raise InputError(
             f"{path} is not a plain state dict: torch.load(weights_only=True) refuses it ({weights_only_refusal(error)}); "

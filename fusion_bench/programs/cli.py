@@ -97,6 +97,8 @@ def _one_line_message(error: Exception) -> str | None:
         return _missing_config_message(error)
     if isinstance(error, ConfigCompositionException):
         return _composition_message(error)
+    if isinstance(error, ValueError) and str(error).startswith("Config group override must be"):  # e.g. method=1
+        return f"{error}: a config group takes a config name, e.g. method=ties_merging (quote a name that reads as a number)"
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override: {str(error).splitlines()[0]}; write key=value, e.g. method.scaling_factor=0.3"
     return None

@@ -6,11 +6,10 @@ from typing import Any
 from torch import nn
 
 from fusion_bench.reporting.report import average_metrics
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import refuse_unknown_keys
 from fusion_bench.utils.parameters import model_summary
 
 TaskMetrics = dict[str, dict[str, float]]  # {task: {metric: value}}
-_METADATA_KEYS = ("_usage_", "_version_")  # FusionBench's descriptive keys
 
 
 class BaseTaskPool:
@@ -25,9 +24,7 @@ class BaseTaskPool:
     uses_fabric = False
 
     def __init__(self, **kwargs: Any):
-        unknown = [key for key in kwargs if key not in _METADATA_KEYS]
-        if unknown:
-            raise InputError(f"{type(self).__name__} got an unknown key {unknown[0]!r}")
+        refuse_unknown_keys(self, kwargs, "taskpool")
 
     def check_modelpool(self, modelpool: Any) -> None:
         """Raise InputError if the pool's models cannot be scored here. The program calls this

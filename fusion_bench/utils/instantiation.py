@@ -49,7 +49,8 @@ def instantiate_checked(config: Any, group: str, *, log_call: bool = False, **kw
                 config.pop(key)
         missing = sorted(OmegaConf.missing_keys(config))
         if missing:
-            raise InputError(f"the {group} config leaves {missing[0]} unset (???); give it a value, e.g. {group}.{missing[0]}=...")
+            key = missing[0] if group == "root" else f"{group}.{missing[0]}"
+            raise InputError(f"the config leaves {key} unset (???); give it a value, e.g. {key}=...")
     target = config["_target_"]
     try:
         factory = hydra.utils.get_object(target)
@@ -69,6 +70,16 @@ def instantiate_checked(config: Any, group: str, *, log_call: bool = False, **kw
         raise
     except OmegaConfBaseException as error:  # an interpolation that names nothing, a bad value type
         raise InputError(f"the {group} config cannot be resolved: {_first_line(error)}") from None
+
+
+def refuse_unknown_keys(owner: object, kwargs: Mapping[str, Any], group: str) -> None:
+    """For base classes that take **kwargs as FusionBench's do: only its descriptive keys pass."""
+    unknown = sorted(key for key in kwargs if key not in _METADATA_KEYS)
+    if unknown:
+        cls = type(owner)
+        named = [name for name, p in inspect.signature(cls).parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        listing = f"its keys are: {', '.join(named)}" if named else "it takes no keys"
+        raise InputError(f"the {group} config has an unknown key {unknown[0]!r} for {cls.__qualname__}; {listing}")
 
 
 def _check_keys(factory: Any, keys: set[str], group: str, target: str, *, partial: bool) -> None:

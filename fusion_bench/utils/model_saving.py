@@ -12,6 +12,7 @@ new one at the path, whole.
 import ctypes
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from fusion_bench.utils.errors import InputError
+
+log = logging.getLogger(__name__)
 
 MARKER = "fusion_bench_merged_model.json"
 MARKER_SCHEMA = "fusion_bench.merged_model/1"
@@ -116,6 +119,9 @@ def save_merged_model(target: Path, write: Callable[[Path], None], *, record: Ma
     replaced. On any failure the staging folder is removed and `target` is as it was; an OSError
     (a full disk, a read-only file system) becomes an InputError naming it.
     """
+    leftovers = sorted(target.parent.glob(f".{target.name}.partial-*")) if target.parent.is_dir() else []
+    if leftovers:  # never removed here: another run may be saving into one of them right now
+        log.warning("%s holds %d unfinished save(s) of interrupted runs (%s); delete them once no run is saving there", target.parent, len(leftovers), leftovers[0].name)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
