@@ -86,7 +86,7 @@ def merge(method: str, merge_space: str, folders: dict[str, Path], workdir: Path
         f"modelpool.merge_space={merge_space}", f"method={method}", "taskpool=dummy",
         f"merged_model_save_path={workdir / f'{method}-{merge_space}'}", f"hydra.run.dir={run_dir}",
     ])  # fmt: skip
-    merge_seconds = json.loads((run_dir / "report.json").read_text())["timing"]["merge_seconds"]
+    merge_seconds = json.loads((run_dir / "report.json").read_text())["_fusion_bench_"]["timing"]["merge_seconds"]
     return {"s": seconds, "cpu": cpu, "rss": rss, "merge_s": merge_seconds}
 
 

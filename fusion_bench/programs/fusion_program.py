@@ -75,13 +75,14 @@ class FusionProgram:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise InputError(f"seed={seed!r} must be an integer, or null for no fixed seed")
         self.seed = seed
-        self.log_dir = log_dir
-        self.merged_model_save_path = _format_log_dir(merged_model_save_path, log_dir, "merged_model_save_path")
+        # FusionBench's "{log_dir}" is its logger's folder, path.log_dir; its root configs name no log_dir
+        self.log_dir = log_dir if log_dir is not None else (path or {}).get("log_dir")
+        self.merged_model_save_path = _format_log_dir(merged_model_save_path, self.log_dir, "merged_model_save_path")
         self.merged_model_save_kwargs = _plain(merged_model_save_kwargs) or {}
         if not isinstance(self.merged_model_save_kwargs, Mapping):
             raise InputError(f"merged_model_save_kwargs={merged_model_save_kwargs!r} must be a mapping of keys, e.g. {{save_tokenizer: true}}")
         self.merged_model_save_overwrite = merged_model_save_overwrite
-        self.report_save_path = _format_log_dir(report_save_path, log_dir, "report_save_path")
+        self.report_save_path = _format_log_dir(report_save_path, self.log_dir, "report_save_path")
         self.report_save_overwrite = report_save_overwrite
         self.dry_run, self.fast_dev_run = dry_run, fast_dev_run
         self.print_config, self.print_function_call = print_config, print_function_call
@@ -174,8 +175,11 @@ class FusionProgram:
         return fabric
 
     def _config_record(self) -> dict[str, Any]:
+        """The configs as run: fast_dev_run, where it reached the task pool, shows there."""
         record = {group: _plain(config) for group, config in self.configs.items() if config is not None}
-        record.update(seed=self.seed, merged_model_save_path=self.merged_model_save_path)
+        if self.fast_dev_run and "taskpool" in record and _takes(self.configs["taskpool"], "fast_dev_run"):
+            record["taskpool"]["fast_dev_run"] = True
+        record.update(seed=self.seed, fast_dev_run=self.fast_dev_run, merged_model_save_path=self.merged_model_save_path)
         return record
 
 

@@ -86,6 +86,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self.tasks: dict[str, ClassificationTask] = {name: classification_task(name) for name in self._test_datasets}
         self._clip_spec = _plain(clip_model) if clip_model is not None else base_model
         self._base_name = self._clip_spec if isinstance(self._clip_spec, str) else base_model  # for messages
+        self._clip_key = "base_model" if clip_model is None else "clip_model"  # the key messages name
         self._processor_spec = _plain(processor) if processor is not None else base_model
         self._data_processor_spec = _plain(data_processor) if data_processor is not None else self._processor_spec
         self.dataloader_kwargs = _check_dataloader_kwargs(_plain(dataloader_kwargs) or {})
@@ -106,9 +107,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         clip_path = _pretrained_path(self._clip_spec)
         if clip_path is None:
             return  # a clip_model built by some other config: checked on the merged model
-        base = _read_config(clip_path, "base_model")
+        base = _read_config(clip_path, f"the task pool's {self._clip_key}")
         if base is None or base.model_type != "clip":
-            raise InputError(f"the task pool's base_model {clip_path!r} is not a CLIP model; name a CLIPModel's hub id or folder")
+            raise InputError(f"the task pool's {self._clip_key} {clip_path!r} is not a CLIP model; name a CLIPModel's hub id or folder")
         name = PRETRAINED if modelpool.has_pretrained else modelpool.model_names[0]
         spec = modelpool.model_spec(name)
         if isinstance(spec, nn.Module):
@@ -219,7 +220,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
 
     def _load_clip(self) -> nn.Module:
         if self._clip is None:
-            clip = _load_pretrained(self._clip_spec, "transformers.CLIPModel", "base_model").eval().requires_grad_(False)
+            clip = _load_pretrained(self._clip_spec, "transformers.CLIPModel", self._clip_key).eval().requires_grad_(False)
             clip.vision_model = None  # the merged tower stands in for it; free its memory (1.2 GB for ViT-L/14)
             self._clip = clip
         return self._clip
