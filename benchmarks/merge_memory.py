@@ -119,7 +119,6 @@ def reference(python: str, method: str, folders: dict[str, Path], save_to: Path)
 
 
 def max_difference(ours_folder: Path, reference_file: Path) -> float:
-    import torch
     from safetensors.torch import load_file
 
     ours_weights = {k.removeprefix("vision_model."): v for k, v in load_file(str(ours_folder / "model.safetensors")).items()}

@@ -12,11 +12,12 @@ tests/test_reference_equality.py checks that fusion_bench reproduces every case.
 import json
 from pathlib import Path
 
-import fusion_bench
 import torch
-from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from safetensors.torch import save_file
 from torch import nn
+
+import fusion_bench
+from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_merges.safetensors"
 N_TASKS = 4

@@ -22,12 +22,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool.seq2seq_lm.modelpool import load_lora_model
 from fusion_bench.tasks.flan_t5_text_generation.glue_prompt_templates import glue_prompt_templates
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_t5_merges.safetensors"
 N_TASKS = 3

@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 
 from fusion_bench.reporting.report import meta
 from fusion_bench.utils.model_saving import MARKER
-from tests.conftest import TASKS, finetuned_copy, run_cli, tiny_bert, write_pool_config
 from tests.clip_fixtures import write_clip_configs
+from tests.conftest import finetuned_copy, run_cli, tiny_bert, write_pool_config
 
 REPO = Path(__file__).resolve().parents[1]
 

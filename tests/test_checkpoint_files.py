@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import save_file
 from transformers import BertModel
 
 from fusion_bench.method import TaskArithmeticAlgorithm

@@ -12,18 +12,18 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 from transformers import CLIPModel, CLIPProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench.reporting.report import meta, task_metrics
-from fusion_bench.utils.errors import InputError
-from fusion_bench.utils.instantiation import instantiate_checked
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import CLIPVisionModelPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
+from fusion_bench.reporting.report import meta, task_metrics
 from fusion_bench.taskpool import CLIPVisionModelTaskPool
 from fusion_bench.taskpool.clip_vision import taskpool as taskpool_module
 from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, evaluation_indices
 from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
 from fusion_bench.taskpool.clip_vision.zeroshot_heads import head_key, text_tower_digest
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import instantiate_checked
 from tests.clip_fixtures import CLIP_TASKS, IMAGES_PER_TASK, write_clip_configs
 from tests.conftest import run_cli
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from fusion_bench.reporting.report import meta, task_metrics
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import Seq2SeqLMPool
+from fusion_bench.reporting.report import task_metrics
 from fusion_bench.tasks.glue import GLUE_TASKS
 from tests.conftest import run_cli
 from tests.flan_t5_fixtures import LORA_TASKS, glue_dir, t5_pool_dir

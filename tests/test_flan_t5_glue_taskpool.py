@@ -9,11 +9,11 @@ from scipy.stats import spearmanr
 from torch import nn
 from transformers import AutoTokenizer
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.taskpool import FlanT5GLUETextGenerationTaskPool
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached, tokenizer_fingerprint
 from fusion_bench.tasks.glue import GLUE_TASKS
+from fusion_bench.utils.errors import InputError
 from tests.flan_t5_fixtures import glue_dir, t5_pool_dir, write_tokenizer
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import fusion_bench.merging.streaming as streaming
-from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.simple_average import simple_average_merge
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
+from fusion_bench.utils.errors import InputError
 from tests import oracles
 from tests.test_ties_merge import SHAPES, assert_close, make_pool
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import BaseModelPool
+from fusion_bench.utils.errors import InputError
 
 
 class Tiny(nn.Module):

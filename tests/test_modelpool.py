@@ -5,11 +5,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import AutoModelPool, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
+from fusion_bench.utils.errors import InputError
 from tests.conftest import TASKS
 
 

@@ -9,12 +9,12 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, BertModel
 
 import fusion_bench.tasks.text_corpora as text_corpora
-from fusion_bench.reporting.report import meta, task_metrics
-from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.offline_text import OfflineTextPool, packaged_minilm
+from fusion_bench.reporting.report import meta, task_metrics
 from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
 from fusion_bench.tasks.offline_text import MAX_CHARACTERS, TASKS, examples
 from fusion_bench.tasks.text_datasets import TEST_SIZE, VALIDATION_SIZE, task_splits
+from fusion_bench.utils.errors import InputError
 from tests.conftest import run_cli, tiny_bert
 
 

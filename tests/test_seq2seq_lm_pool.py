@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForSeq2SeqLM
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
 from fusion_bench.modelpool import Seq2SeqLMPool
 from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
 from fusion_bench.modelpool.lora import LoraStateDict
+from fusion_bench.utils.errors import InputError
 from tests import oracles
 from tests.flan_t5_fixtures import LORA_TASKS, t5_pool_dir, write_lora_adapter
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.method import TiesMergingAlgorithm
 from fusion_bench.modelpool.lazy_state_dict import ModuleStateDict
+from fusion_bench.utils.errors import InputError
 from tests import oracles
 
 

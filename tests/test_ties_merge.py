@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 import fusion_bench.merging.cut_bracket as cut_bracket
 import fusion_bench.merging.streaming as streaming
 import fusion_bench.merging.ties as ties_module
-from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.cut_bracket import CutBracket
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
 from fusion_bench.merging.ties import ties_merge
+from fusion_bench.utils.errors import InputError
 from tests import oracles
 
 SHAPES = {"w": (13, 7), "b": (13,), "conv": (3, 4, 2), "untouched": (5,)}

@@ -10,9 +10,9 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from fusion_bench.utils.progress import progress_bar
 
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.progress import progress_bar
 
 CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
 

@@ -28,13 +28,13 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.cut_bracket import CutBracket, expected_inside, sample_bracket
 from fusion_bench.merging.disjoint_merge import check_merge_func, disjoint_merge, merge_all
 from fusion_bench.merging.elect import elect_sign, majority_sign
 from fusion_bench.merging.magnitude_select import MagnitudeSelector
 from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, flat_numel, progress
 from fusion_bench.merging.trim import keep_count, keep_fraction, trim
+from fusion_bench.utils.errors import InputError
 
 TRIM_SCOPES = ("global", "tensor")
 DEFERRED_FRACTION = 0.5  # columns set aside may take this share of the merged tensors' size

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
-from fusion_bench.utils.instantiation import refuse_unknown_keys
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import refuse_unknown_keys
 
 
 class BaseAlgorithm:

@@ -5,12 +5,12 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.merging.disjoint_merge import check_merge_func
 from fusion_bench.merging.ties import check_trim_scope, ties_merge
 from fusion_bench.merging.trim import keep_fraction
 from fusion_bench.method.base import BaseAlgorithm, check_scaling_factor, merge_inputs, output_model
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
+from fusion_bench.utils.errors import InputError
 
 
 class TiesMergingAlgorithm(BaseAlgorithm):

@@ -16,8 +16,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.huggingface import AutoModelPool
+from fusion_bench.utils.errors import InputError
 
 _PLATFORMS = ("hf", "huggingface")
 

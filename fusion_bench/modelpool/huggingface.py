@@ -14,12 +14,12 @@ from hydra.utils import get_class
 from safetensors import SafetensorError
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, tied_names, unique_state_dict_keys
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
 from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, error_summary, weights_only_refusal
+from fusion_bench.utils.errors import InputError
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt")

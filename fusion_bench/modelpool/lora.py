@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
+from fusion_bench.utils.errors import InputError
 
 ADAPTER_CONFIG = "adapter_config.json"
 _PEFT_PREFIX = "base_model.model."  # how a PeftModel saves the adapted model's module names

@@ -6,14 +6,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusion_bench.utils.cache import build_once, cache_dir, file_digest, fingerprint
-from fusion_bench.utils.errors import InputError
-from fusion_bench.training.finetuning import FinetuneRecipe, finetune_text_encoder
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_corpora import data_file
 from fusion_bench.tasks.text_datasets import SPLITS_VERSION
+from fusion_bench.training.finetuning import FinetuneRecipe, finetune_text_encoder
+from fusion_bench.utils.cache import build_once, cache_dir, file_digest, fingerprint
+from fusion_bench.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 

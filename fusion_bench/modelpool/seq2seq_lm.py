@@ -10,11 +10,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.lora import LoraAdapter, LoraStateDict, is_adapter
+from fusion_bench.utils.errors import InputError
 
 MERGE_SPACES = ("dense", "delta")
 

@@ -6,9 +6,9 @@ example other seeds, `modelpool.seed=1`) and lists where each one lives.
 
 from omegaconf import DictConfig
 
+from fusion_bench.modelpool.offline_text import OfflineTextPool
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import instantiate_checked
-from fusion_bench.modelpool.offline_text import OfflineTextPool
 
 
 class FinetuneProgram:

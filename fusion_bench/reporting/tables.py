@@ -16,8 +16,8 @@ from pathlib import Path
 
 from hydra.utils import get_class
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.reporting.report import failed, meta, read_report, task_metrics
+from fusion_bench.utils.errors import InputError
 
 REPORT_NAMES = ("report.json", "program_report.json")  # ours, and FusionBench's default name
 

@@ -9,9 +9,9 @@ from contextlib import nullcontext
 
 import torch
 from torch import nn
-from fusion_bench.utils.progress import progress_bar
 
 from fusion_bench.taskpool.tokenized_cache import TokenizedTexts
+from fusion_bench.utils.progress import progress_bar
 
 
 @torch.no_grad()

@@ -9,12 +9,12 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.batched_generation import generate_answers
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
 from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask
+from fusion_bench.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 

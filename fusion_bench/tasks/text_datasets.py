@@ -10,8 +10,8 @@ from collections.abc import Iterator
 
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
-from fusion_bench.utils.cache import build_once, cache_dir
 from fusion_bench.tasks.offline_text import TASKS, TextTask, examples
+from fusion_bench.utils.cache import build_once, cache_dir
 
 TEST_SIZE = 400
 VALIDATION_SIZE = 200

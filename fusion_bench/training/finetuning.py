@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from fusion_bench.utils.progress import progress_bar
 from transformers import AutoTokenizer, BertModel
 
 from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_datasets import task_splits
+from fusion_bench.utils.progress import progress_bar
 
 log = logging.getLogger(__name__)
 

@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.progress import progress_bar
 

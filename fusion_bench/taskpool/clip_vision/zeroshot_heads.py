@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
-from fusion_bench.utils.progress import progress_bar
 
-from fusion_bench.utils.cache import write_atomically
 from fusion_bench.tasks.clip_classification import ClassificationTask
+from fusion_bench.utils.cache import write_atomically
+from fusion_bench.utils.progress import progress_bar
 
 _FORMAT = 1  # bump when the computation changes, so old files are not read
 _PROMPTS_PER_BATCH = 256

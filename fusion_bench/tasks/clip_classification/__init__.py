@@ -7,8 +7,8 @@ the configs give them (the keys of `test_datasets`, as in FusionBench).
 from dataclasses import dataclass
 from types import ModuleType
 
-from fusion_bench.utils.errors import InputError
 from fusion_bench.tasks.clip_classification import dtd, eurosat, gtsrb, mnist, resisc45, stanford_cars, sun397, svhn
+from fusion_bench.utils.errors import InputError
 
 _TASKS: dict[str, ModuleType] = {
     "sun397": sun397,
