@@ -182,8 +182,8 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, bert_pool_dir, 
 
 
 def test_task_pools_refuse_their_bad_input_before_merging(tmp_path, clip_world):
-    """A task pool whose CLIP model cannot be loaded, or whose test set cannot, fails before the
-    merge, so no merged model is saved and no report written."""
+    """A task pool whose CLIP model cannot be loaded, or whose test set cannot, or a Fabric that
+    cannot be built, fails before the merge, so no merged model is saved and no report written."""
     config = tmp_path / "config"
     write_clip_configs(config, clip_world)
     saved = tmp_path / "merged"
@@ -192,6 +192,7 @@ def test_task_pools_refuse_their_bad_input_before_merging(tmp_path, clip_world):
         ([f"taskpool.base_model={tmp_path / 'no_clip'}"], "has no readable config"),
         ([f"taskpool.test_datasets.mnist.path={tmp_path / 'no_data'}"], "dataset 'mnist' cannot be loaded"),
         ([f"+taskpool.clip_model={{_target_: transformers.CLIPModel.from_pretrained, pretrained_model_name_or_path: {tmp_path / 'no_clip'}}}"], "has no readable config"),
+        (["fabric.accelerator=foo"], "the fabric config cannot be built (ValueError: You selected an invalid accelerator name"),
     ]
     for i, (overrides, fragment) in enumerate(cases):
         result = run_cli(*base, *overrides, f"hydra.run.dir={tmp_path / 'runs' / str(i)}", cwd=tmp_path, check=False)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
@@ -94,7 +95,7 @@ class FusionProgram:
             print(OmegaConf.to_yaml({group: config for group, config in self.configs.items() if config is not None}, resolve=True))
         if self.seed is not None:
             _seed_everything(self.seed)
-        method, modelpool, taskpool = self._build_parts()
+        method, modelpool, taskpool, fabric = self._build_parts()
         save_target = self._check_outputs(modelpool, taskpool)
         if self.dry_run:
             print("dry run: the configs build and every check passed; nothing was merged or written")
@@ -129,7 +130,7 @@ class FusionProgram:
         results: Mapping[str, Any] = {}
         if taskpool is not None:
             start = time.perf_counter()
-            results = _evaluate(taskpool, merged, self._fabric() if getattr(taskpool, "uses_fabric", False) else None)
+            results = _evaluate(taskpool, merged, fabric)
             timing["eval_seconds"] = time.perf_counter() - start
         tasks, average, model_info = split_results(results)
         report = build_report(
@@ -146,15 +147,19 @@ class FusionProgram:
         print(format_table(report))
         return report
 
-    def _build_parts(self) -> tuple[Any, BaseModelPool, Any]:
+    def _build_parts(self) -> tuple[Any, BaseModelPool, Any, Any]:
+        """The method, the model pool, the task pool and, for a task pool that places models on
+        devices, the Fabric: all built (and checked) before any work."""
         build = lambda group, **kwargs: instantiate_checked(self.configs[group], group, log_call=self.print_function_call, **kwargs)  # noqa: E731
         method = build("method")
         modelpool = build("modelpool")
-        taskpool = None
+        taskpool = fabric = None
         if self.configs["taskpool"] is not None:
             taskpool = build("taskpool", **({"fast_dev_run": True} if self.fast_dev_run and _takes(self.configs["taskpool"], "fast_dev_run") else {}))
             taskpool.check_modelpool(modelpool)
-        return method, modelpool, taskpool
+            if getattr(taskpool, "uses_fabric", False):
+                fabric = self._fabric()
+        return method, modelpool, taskpool, fabric
 
     def _check_outputs(self, modelpool: BaseModelPool, taskpool: Any) -> Path | None:
         """Refuse, before any work, outputs that would replace what the run did not write."""
@@ -170,7 +175,11 @@ class FusionProgram:
         return target
 
     def _fabric(self):
-        fabric = instantiate_checked(self.configs["fabric"], "fabric")
+        try:
+            fabric = instantiate_checked(self.configs["fabric"], "fabric", log_call=self.print_function_call)
+        except InstantiationException as error:  # Lightning refuses an accelerator or precision it cannot provide
+            cause = error.__cause__ or error
+            raise InputError(f"the fabric config cannot be built ({type(cause).__name__}: {str(cause).strip().splitlines()[0]}); e.g. fabric.accelerator=cpu") from None
         fabric.launch()
         return fabric
 
