@@ -54,12 +54,12 @@ def _run(config: DictConfig) -> None:
 
 def _write_failure_report(config: DictConfig, overrides: list[str], error: BaseException) -> None:
     """A failed run's report: its settings and the reason, where its report would have gone."""
-    from fusion_bench.programs.fusion_program import _format_log_dir
+    from fusion_bench.programs.fusion_program import expand_log_dir
     from fusion_bench.reporting.report import build_report, write_report
 
     try:
         log_dir = config.get("log_dir") or OmegaConf.select(config, "path.log_dir")  # FusionBench's root configs: path.log_dir
-        path = _format_log_dir(config.get("report_save_path"), log_dir, "report_save_path")
+        path = expand_log_dir(config.get("report_save_path"), log_dir, "report_save_path")
         if not path or Path(path).exists():
             return
         record = {group: OmegaConf.to_container(config[group], resolve=False) for group in ("method", "modelpool", "taskpool") if config.get(group) is not None}

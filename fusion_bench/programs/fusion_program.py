@@ -78,12 +78,12 @@ class FusionProgram:
         self.seed = seed
         # FusionBench's "{log_dir}" is its logger's folder, path.log_dir; its root configs name no log_dir
         self.log_dir = log_dir if log_dir is not None else (path or {}).get("log_dir")
-        self.merged_model_save_path = _format_log_dir(merged_model_save_path, self.log_dir, "merged_model_save_path")
+        self.merged_model_save_path = expand_log_dir(merged_model_save_path, self.log_dir, "merged_model_save_path")
         self.merged_model_save_kwargs = _plain(merged_model_save_kwargs) or {}
         if not isinstance(self.merged_model_save_kwargs, Mapping):
             raise InputError(f"merged_model_save_kwargs={merged_model_save_kwargs!r} must be a mapping of keys, e.g. {{save_tokenizer: true}}")
         self.merged_model_save_overwrite = merged_model_save_overwrite
-        self.report_save_path = _format_log_dir(report_save_path, self.log_dir, "report_save_path")
+        self.report_save_path = expand_log_dir(report_save_path, self.log_dir, "report_save_path")
         self.report_save_overwrite = report_save_overwrite
         self.dry_run, self.fast_dev_run = dry_run, fast_dev_run
         self.print_config, self.print_function_call = print_config, print_function_call
@@ -237,7 +237,7 @@ def _takes(config: DictConfig, key: str) -> bool:
     return key in inspect.signature(get_object(config["_target_"])).parameters
 
 
-def _format_log_dir(path: str | None, log_dir: str | None, key: str) -> str | None:
+def expand_log_dir(path: str | None, log_dir: str | None, key: str) -> str | None:
     """FusionBench writes "{log_dir}" in its paths for the run's folder."""
     if not path or "{log_dir}" not in str(path):
         return path
