@@ -175,3 +175,19 @@ def test_a_disk_too_small_is_refused_before_merging_and_keeps_the_earlier_model(
     assert result.returncode == 2 and len(lines) == 1 and "the merged model needs about" in lines[0] and "free some space" in lines[0], result.stderr
     assert_holds(target, earlier)
     assert not (tmp_path / "second" / "report.json").exists()
+
+
+def test_without_an_atomic_exchange_two_renames_replace_the_earlier_model(tmp_path, bert_pool_dir, monkeypatch):
+    """Where the file system cannot swap two folders, the old model is moved aside, the new one in."""
+    import fusion_bench.utils.model_saving as saving
+
+    def no_exchange(a, b):
+        raise OSError(errno.ENOSYS, "renameat2 is not available")
+
+    save_earlier_model(tmp_path / "merged", bert_pool_dir, 0.1)
+    monkeypatch.setattr(saving, "_exchange", no_exchange)
+    pool = tiny_pool(bert_pool_dir)
+    merged = TaskArithmeticAlgorithm(scaling_factor=0.9).run(pool)
+    save_merged_model(check_save_path(tmp_path / "merged", overwrite=True, protected={}), lambda staging: pool.save_model(merged, staging), record={})
+    assert_holds(tmp_path / "merged", expected_weights(bert_pool_dir, 0.9))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]

@@ -119,7 +119,7 @@ def save_merged_model(target: Path, write: Callable[[Path], None], *, record: Ma
     replaced. On any failure the staging folder is removed and `target` is as it was; an OSError
     (a full disk, a read-only file system) becomes an InputError naming it.
     """
-    leftovers = sorted(target.parent.glob(f".{target.name}.partial-*")) if target.parent.is_dir() else []
+    leftovers = sorted(p for kind in ("partial", "old") for p in target.parent.glob(f".{target.name}.{kind}-*")) if target.parent.is_dir() else []
     if leftovers:  # never removed here: another run may be saving into one of them right now
         log.warning("%s holds %d unfinished save(s) of interrupted runs (%s); delete them once no run is saving there", target.parent, len(leftovers), leftovers[0].name)
     try:
