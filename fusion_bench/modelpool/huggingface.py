@@ -18,8 +18,8 @@ from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, tied_names, unique_state_dict_keys
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
-from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, error_summary, weights_only_refusal
-from fusion_bench.utils.errors import InputError
+from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, weights_only_refusal
+from fusion_bench.utils.errors import InputError, first_line
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt")
@@ -91,7 +91,7 @@ class AutoModelPool(BaseModelPool):
         try:
             return AutoTokenizer.from_pretrained(path)
         except (OSError, ValueError) as error:
-            raise InputError(f"model {name!r} ({path}) has no tokenizer to save ({error_summary(error)}); drop save_tokenizer from merged_model_save_kwargs") from None
+            raise InputError(f"model {name!r} ({path}) has no tokenizer to save ({first_line(error)}); drop save_tokenizer from merged_model_save_kwargs") from None
 
     def model_path(self, name: str) -> Path:
         """The local folder or checkpoint file of model `name`, fetched from the hub if need be."""
@@ -194,7 +194,7 @@ def _named_load_errors(name: str, path: Path) -> Iterator[None]:
         ) from error
     except _LOAD_ERRORS as error:
         raise InputError(
-            f"model {name!r} cannot be loaded from {path} ({error_summary(error)}); "
+            f"model {name!r} cannot be loaded from {path} ({first_line(error)}); "
             "check that it is a complete Hugging Face model folder (config.json and weights)"
         ) from error
 

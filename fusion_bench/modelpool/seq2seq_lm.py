@@ -14,7 +14,7 @@ from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.lora import LoraAdapter, LoraStateDict, is_adapter
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 MERGE_SPACES = ("dense", "delta")
 
@@ -110,7 +110,7 @@ class Seq2SeqLMPool(AutoModelPool):
         try:
             return AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as error:
-            raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({str(error).splitlines()[0]}); check the `tokenizer` key") from None
+            raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({first_line(error)}); check the `tokenizer` key") from None
 
     @cached_property
     def _pretrained_state_dict(self) -> LazyStateDict:

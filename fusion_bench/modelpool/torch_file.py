@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth")
 _WRAPPER_KEYS = ("state_dict", "model")  # training scripts save {"state_dict": {...}}
@@ -60,12 +60,6 @@ def weights_only_refusal(error: pickle.UnpicklingError) -> str:
     return (named or lines or [type(error).__name__])[0].split(" Please use")[0].rstrip(".")
 
 
-def error_summary(error: BaseException) -> str:
-    """The first line of an error's message, or its type where it has none."""
-    lines = str(error).strip().splitlines()
-    return lines[0].rstrip(".") if lines else type(error).__name__
-
-
 def _load(path: Path) -> object:
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it may not read; it then refuses, or not, itself
@@ -78,7 +72,7 @@ def _load(path: Path) -> object:
         ) from error
     except _READ_ERRORS as error:
         raise InputError(
-            f"cannot read PyTorch state dict {path} ({type(error).__name__}: {error_summary(error)}); "
+            f"cannot read PyTorch state dict {path} ({type(error).__name__}: {first_line(error)}); "
             "is it complete, and saved with torch.save?"
         ) from error
 

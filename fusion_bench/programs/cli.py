@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fusion_bench.programs.config_choices import config_choices, register_choices_resolver
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import instantiate_checked
 from fusion_bench.utils.progress import configure_progress_bars
 
@@ -39,7 +39,7 @@ def _run(config: DictConfig) -> None:
         try:
             instantiate_checked(config, "root").run()
         except OmegaConfBaseException as error:  # an interpolation that names nothing, a value of the wrong type
-            raise InputError(f"the config cannot be resolved: {str(error).splitlines()[0]}") from error
+            raise InputError(f"the config cannot be resolved: {first_line(error)}") from error
     except Exception as error:
         if not in_sweep:
             if isinstance(error, InputError):
@@ -101,7 +101,7 @@ def _one_line_message(error: Exception) -> str | None:
     if isinstance(error, ValueError) and str(error).startswith("Config group override must be"):  # e.g. method=1
         return f"{error}: a config group takes a config name, e.g. method=ties_merging (quote a name that reads as a number)"
     if isinstance(error, OverrideParseException):
-        return f"cannot parse the override: {str(error).splitlines()[0]}; write key=value, e.g. method.scaling_factor=0.3"
+        return f"cannot parse the override: {first_line(error)}; write key=value, e.g. method.scaling_factor=0.3"
     return None
 
 
@@ -112,7 +112,7 @@ def _fail(message: str) -> None:
 
 def _exit_sweep_failed() -> None:
     for overrides, error in _failed_runs:
-        print(f"fusion_bench: failed run ({' '.join(overrides)}): {str(error).splitlines()[0] if str(error) else type(error).__name__}", file=sys.stderr)
+        print(f"fusion_bench: failed run ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
     total = len(_failed_runs)
     print(f"fusion_bench: error: {total} run(s) of the sweep failed; each left a report.json saying why, the others ran", file=sys.stderr)
     sys.exit(2 if all(isinstance(error, InputError) for _, error in _failed_runs) else 1)
@@ -136,7 +136,7 @@ def _composition_message(error: ConfigCompositionException) -> str:
         group, _, name = str(key).rpartition(".")
         keys = ", ".join(k for k in node if not str(k).startswith("_")) or "none"
         return f"{key}: the {group or 'root'} config has no key {name!r}; its keys are: {keys}; to add a key the class takes, write +{key}=..."
-    return str(error).splitlines()[0]
+    return first_line(error)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.reporting.report import build_report, check_report_path, format_table, split_results, write_report
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import instantiate_checked
 from fusion_bench.utils.model_saving import check_free_space, check_save_path, save_merged_model
 from fusion_bench.utils.parameters import model_summary
@@ -179,7 +179,7 @@ class FusionProgram:
             fabric = instantiate_checked(self.configs["fabric"], "fabric", log_call=self.print_function_call)
         except InstantiationException as error:  # Lightning refuses an accelerator or precision it cannot provide
             cause = error.__cause__ or error
-            raise InputError(f"the fabric config cannot be built ({type(cause).__name__}: {str(cause).strip().splitlines()[0]}); e.g. fabric.accelerator=cpu") from None
+            raise InputError(f"the fabric config cannot be built ({type(cause).__name__}: {first_line(cause)}); e.g. fabric.accelerator=cpu") from None
         fabric.launch()
         return fabric
 
@@ -252,7 +252,7 @@ def _plain(value: Any) -> Any:
     try:
         return OmegaConf.to_container(value, resolve=True)
     except OmegaConfBaseException as error:
-        raise InputError(f"the config cannot be resolved: {str(error).splitlines()[0]}") from None
+        raise InputError(f"the config cannot be resolved: {first_line(error)}") from None
 
 
 def _seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from hydra.utils import get_class
 
 from fusion_bench.reporting.report import failed, meta, read_report, task_metrics
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 REPORT_NAMES = ("report.json", "program_report.json")  # ours, and FusionBench's default name
 
@@ -67,7 +67,7 @@ def find_reports(paths: Iterable[str | Path]) -> dict[Path, dict]:
         try:
             reports[file] = read_report(file)
         except (OSError, ValueError) as error:
-            raise InputError(f"cannot read {file}: {str(error).splitlines()[0]}") from None
+            raise InputError(f"cannot read {file}: {first_line(error)}") from None
     return reports
 
 

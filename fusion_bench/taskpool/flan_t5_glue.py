@@ -14,7 +14,7 @@ from fusion_bench.taskpool.batched_generation import generate_answers
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
 from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         try:
             return AutoTokenizer.from_pretrained(self.tokenizer_name)
         except (OSError, ValueError) as error:
-            raise InputError(f"the task pool's tokenizer {self.tokenizer_name!r} cannot be loaded ({str(error).splitlines()[0]}); check the hub id or folder") from None
+            raise InputError(f"the task pool's tokenizer {self.tokenizer_name!r} cannot be loaded ({first_line(error)}); check the hub id or folder") from None
 
     def _examples(self, name: str, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
         """The prompts and expected answers of the split (its first max_samples examples), loaded once."""
@@ -131,7 +131,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         except Exception as error:
             raise InputError(
                 f"cannot load GLUE task {task.name!r} (split {split!r}) from dataset_path={self.dataset_path!r}: "
-                f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                f"{type(error).__name__}: {first_line(error)}"
             ) from error
         if self.max_samples is not None:
             dataset = dataset.select(range(min(self.max_samples, len(dataset))))

@@ -9,7 +9,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 
 def load_dataset_spec(name: str, spec: Any, split: str) -> Any:
@@ -26,7 +26,7 @@ def load_dataset_spec(name: str, spec: Any, split: str) -> Any:
     except (InstantiationException, OSError, ValueError) as error:
         cause = error.__cause__ or error
         raise InputError(
-            f"dataset {name!r} cannot be loaded ({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}); "
+            f"dataset {name!r} cannot be loaded ({type(cause).__name__}: {first_line(cause)}); "
             "check its path or hub id, your network, or the cache (HF_DATASETS_OFFLINE=1)"
         ) from error
     if isinstance(spec, Mapping):

@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def instantiate_checked(config: Any, group: str, *, log_call: bool = False, **kw
     try:
         factory = hydra.utils.get_object(target)
     except Exception as error:
-        raise InputError(f"the {group} config's _target_ {target!r} cannot be imported ({str(error).splitlines()[0]}); check the name") from None
+        raise InputError(f"the {group} config's _target_ {target!r} cannot be imported ({first_line(error)}); check the name") from None
     _check_keys(factory, {*config, *kwargs} - _HYDRA_KEYS, group, target, partial=bool(config.get("_partial_")))
     if log_call:
         given = {key: value for key, value in config.items() if key not in _HYDRA_KEYS}
@@ -66,10 +66,10 @@ def instantiate_checked(config: Any, group: str, *, log_call: bool = False, **kw
         if isinstance(error.__cause__, InputError):
             raise error.__cause__ from None
         if isinstance(error.__cause__, OmegaConfBaseException):
-            raise InputError(f"the {group} config cannot be resolved: {_first_line(error.__cause__)}") from None
+            raise InputError(f"the {group} config cannot be resolved: {first_line(error.__cause__)}") from None
         raise
     except OmegaConfBaseException as error:  # an interpolation that names nothing, a bad value type
-        raise InputError(f"the {group} config cannot be resolved: {_first_line(error)}") from None
+        raise InputError(f"the {group} config cannot be resolved: {first_line(error)}") from None
 
 
 def refuse_unknown_keys(owner: object, kwargs: Mapping[str, Any], group: str) -> None:
@@ -98,7 +98,3 @@ def _check_keys(factory: Any, keys: set[str], group: str, target: str, *, partia
     if required and not partial:
         raise InputError(f"the {group} config lacks {required[0]!r}, which {target} needs; its keys are: {known}")
 
-
-def _first_line(error: BaseException) -> str:
-    text = str(error)
-    return text.splitlines()[0] if text else type(error).__name__

@@ -24,7 +24,7 @@ from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
 from fusion_bench.utils.cache import cache_dir
 from fusion_bench.utils.dataset_loading import load_dataset_spec
-from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.local_paths import local_paths_in
 from fusion_bench.utils.progress import progress_bar
 
@@ -278,9 +278,9 @@ def _load_pretrained(spec: Any, class_path: str, key: str) -> Any:
         return get_class(class_path).from_pretrained(spec)
     except InstantiationException as error:
         cause = error.__cause__ or error
-        raise InputError(f"the task pool's {key} cannot be built ({type(cause).__name__}: {str(cause).splitlines()[0]}); check its config") from None
+        raise InputError(f"the task pool's {key} cannot be built ({type(cause).__name__}: {first_line(cause)}); check its config") from None
     except OSError as error:
-        raise InputError(f"the task pool's {key} {spec!r} cannot be loaded ({str(error).splitlines()[0]}); check the hub id or folder") from error
+        raise InputError(f"the task pool's {key} {spec!r} cannot be loaded ({first_line(error)}); check the hub id or folder") from error
 
 
 def _read_config(spec: str, what: str) -> Any:
@@ -290,6 +290,6 @@ def _read_config(spec: str, what: str) -> Any:
     try:
         return AutoConfig.from_pretrained(spec)
     except OSError as error:
-        raise InputError(f"{what} {spec!r} has no readable config ({str(error).splitlines()[0]}); check the hub id or folder") from error
+        raise InputError(f"{what} {spec!r} has no readable config ({first_line(error)}); check the hub id or folder") from error
     except ValueError:  # a config.json that is no transformers model
         return None
