@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, ModuleStateDict
 from fusion_bench.utils.dataset_loading import load_dataset_spec
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import plain
 from fusion_bench.utils.local_paths import local_paths_in
 
 PRETRAINED = "_pretrained_"
@@ -72,7 +72,7 @@ class BaseModelPool:
         if name not in self._models:
             raise InputError(f"model {name!r} is not in the pool; it has {', '.join(self._models)}")
         spec = self._models[name]
-        return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
+        return plain(spec)
 
     def load_model(self, name: str) -> nn.Module:
         """The model called `name`; an instance the pool was given is returned as it is."""
@@ -141,7 +141,7 @@ class BaseModelPool:
         """{what it is: path} of the local files and folders the pool reads; a merged model is
         never saved over them."""
         specs = {"models": self._models, "train_datasets": self._train_datasets, "val_datasets": self._val_datasets, "test_datasets": self._test_datasets}
-        return {f"the model pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(_plain(spec), key).items()}
+        return {f"the model pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(plain(spec), key).items()}
 
     def save_model(self, model: nn.Module, path: str | Path, *, save_tokenizer: bool = False) -> None:
         """Write `model` into the folder `path`: Hugging Face format (save_pretrained) for
@@ -187,10 +187,6 @@ class BaseModelPool:
 
     def load_test_dataset(self, name: str) -> Any:
         return _load_dataset(self._test_datasets, "test", name)
-
-
-def _plain(spec: Any) -> Any:
-    return OmegaConf.to_container(spec, resolve=True) if isinstance(spec, DictConfig) else spec
 
 
 def _load_dataset(datasets: Mapping[str, Any] | None, split: str, name: str) -> Any:

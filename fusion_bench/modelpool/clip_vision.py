@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import plain
 
 _PLATFORMS = ("hf", "huggingface")
 
@@ -52,7 +52,7 @@ class CLIPVisionModelPool(AutoModelPool):
             test_datasets=test_datasets,
         )
         self.platform = platform
-        self._processor = OmegaConf.to_container(processor, resolve=True) if isinstance(processor, DictConfig) else processor
+        self._processor = plain(processor)
 
     def load_processor(self):
         """The CLIPProcessor (image processor and tokenizer) named by `processor`."""

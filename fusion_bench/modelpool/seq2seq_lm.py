@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED
@@ -15,6 +14,7 @@ from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.lora import LoraAdapter, LoraStateDict, is_adapter
 from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.instantiation import plain
 
 MERGE_SPACES = ("dense", "delta")
 
@@ -101,9 +101,7 @@ class Seq2SeqLMPool(AutoModelPool):
         """The tokenizer given as `tokenizer`, else the base model's."""
         from transformers import AutoTokenizer
 
-        spec = self._tokenizer
-        if isinstance(spec, DictConfig):
-            spec = OmegaConf.to_container(spec, resolve=True)
+        spec = plain(self._tokenizer)
         if isinstance(spec, Mapping):
             return instantiate(spec)
         source = spec if spec is not None else self.model_path(PRETRAINED)
@@ -127,8 +125,7 @@ class Seq2SeqLMPool(AutoModelPool):
 
 def _plain_entry(name: str, spec: Any) -> Any:
     """A FusionBench model entry as the path it loads; other entries as they are."""
-    if isinstance(spec, DictConfig):
-        spec = OmegaConf.to_container(spec, resolve=True)
+    spec = plain(spec)
     if not isinstance(spec, Mapping) or "_target_" not in spec:
         return spec
     target, arguments = spec["_target_"], {k: v for k, v in spec.items() if k != "_target_"}

@@ -22,7 +22,7 @@ from torch import nn
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.reporting.report import build_report, check_report_path, format_table, split_results, write_report
 from fusion_bench.utils.errors import InputError, first_line
-from fusion_bench.utils.instantiation import instantiate_checked
+from fusion_bench.utils.instantiation import instantiate_checked, plain
 from fusion_bench.utils.model_saving import check_free_space, check_save_path, save_merged_model
 from fusion_bench.utils.parameters import model_summary
 
@@ -247,10 +247,8 @@ def expand_log_dir(path: str | None, log_dir: str | None, key: str) -> str | Non
 
 
 def _plain(value: Any) -> Any:
-    if not isinstance(value, DictConfig):
-        return value
     try:
-        return OmegaConf.to_container(value, resolve=True)
+        return plain(value)
     except OmegaConfBaseException as error:
         raise InputError(f"the config cannot be resolved: {first_line(error)}") from None
 

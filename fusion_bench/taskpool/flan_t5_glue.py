@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
@@ -15,6 +14,7 @@ from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
 from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask
 from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.instantiation import plain
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         fast_dev_run: bool = False,
         cache_dir: str | None = None,
     ):
-        self.tasks = [_task_entry(entry) for entry in _plain(tasks)]
+        self.tasks = [_task_entry(entry) for entry in plain(tasks)]
         names = [name for name, _, _ in self.tasks]
         if not names:
             raise InputError("the task pool has no tasks; list GLUE tasks under `tasks`, e.g. [cola, rte]")
@@ -137,10 +137,6 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
             dataset = dataset.select(range(min(self.max_samples, len(dataset))))
         examples = dataset.to_list()
         return [task.render(example) for example in examples], [task.target(example) for example in examples]
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def _task_entry(entry: str | Mapping[str, Any]) -> tuple[str, GlueTask, str]:

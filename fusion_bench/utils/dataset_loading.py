@@ -7,15 +7,14 @@ from typing import Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
 from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.instantiation import plain
 
 
 def load_dataset_spec(name: str, spec: Any, split: str) -> Any:
     """The dataset `spec` describes; a bare id or folder loads its `split`."""
-    if isinstance(spec, DictConfig):
-        spec = OmegaConf.to_container(spec, resolve=True)
+    spec = plain(spec)
     try:
         if isinstance(spec, Mapping) and "_target_" in spec:
             return instantiate(spec)

@@ -12,7 +12,7 @@ from typing import Any
 
 import hydra.utils
 from hydra.errors import InstantiationException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from fusion_bench.utils.errors import InputError, first_line
@@ -28,6 +28,11 @@ _EXAMPLE_TARGETS = {
     "fabric": "lightning.Fabric",
     "root": "fusion_bench.programs.FusionProgram",
 }
+
+
+def plain(value: Any) -> Any:
+    """A config node as plain dicts and lists, interpolations resolved; anything else as it is."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def instantiate(config: Any, *args: Any, **kwargs: Any) -> Any:
@@ -77,9 +82,7 @@ def refuse_unknown_keys(owner: object, kwargs: Mapping[str, Any], group: str) ->
     unknown = sorted(key for key in kwargs if key not in _METADATA_KEYS)
     if unknown:
         cls = type(owner)
-        named = [name for name, p in inspect.signature(cls).parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        listing = f"its keys are: {', '.join(named)}" if named else "it takes no keys"
-        raise InputError(f"the {group} config has an unknown key {unknown[0]!r} for {cls.__qualname__}; {listing}")
+        raise InputError(_unknown_key(group, unknown[0], cls.__qualname__, _named_parameters(inspect.signature(cls).parameters)))
 
 
 def _check_keys(factory: Any, keys: set[str], group: str, target: str, *, partial: bool) -> None:
@@ -87,14 +90,22 @@ def _check_keys(factory: Any, keys: set[str], group: str, target: str, *, partia
         parameters = inspect.signature(factory).parameters
     except (TypeError, ValueError):  # a builtin without a signature: let it check its own arguments
         return
-    named = {name: p for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    known = ", ".join(named) if named else None
-    for key in sorted(keys):
-        if key not in named and not takes_any:
-            listing = f"its keys are: {known}" if known else "it takes no keys"
-            raise InputError(f"the {group} config has an unknown key {key!r} for {target}; {listing}")
+    named = _named_parameters(parameters)
+    if not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        for key in sorted(keys):
+            if key not in named:
+                raise InputError(_unknown_key(group, key, target, named))
     required = [name for name, p in named.items() if p.default is p.empty and name not in keys]
     if required and not partial:
-        raise InputError(f"the {group} config lacks {required[0]!r}, which {target} needs; its keys are: {known}")
+        raise InputError(f"the {group} config lacks {required[0]!r}, which {target} needs; its keys are: {', '.join(named)}")
+
+
+def _named_parameters(parameters: Mapping[str, inspect.Parameter]) -> dict[str, inspect.Parameter]:
+    """The parameters a config key can name: not self, *args or **kwargs."""
+    return {name: p for name, p in parameters.items() if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _unknown_key(group: str, key: str, target: str, named: Mapping[str, Any]) -> str:
+    listing = f"its keys are: {', '.join(named)}" if named else "it takes no keys"
+    return f"the {group} config has an unknown key {key!r} for {target}; {listing}"
 

@@ -77,9 +77,7 @@ def _check_existing(target: Path, given: Any, *, overwrite: bool, key: str) -> N
 def check_writable(target: Path, key: str) -> None:
     """Refuse a path whose nearest existing folder cannot be written (probed with an empty folder
     made and removed at once, since permission bits do not tell: root may write where the kernel refuses)."""
-    ancestor = target.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(target.parent)
     if not ancestor.is_dir():
         raise InputError(f"{key}={target} lies under {ancestor}, which is a file, not a folder; choose another path")
     try:
@@ -90,9 +88,7 @@ def check_writable(target: Path, key: str) -> None:
 
 def check_free_space(target: Path, needed_bytes: int, key: str = "merged_model_save_path") -> None:
     """Refuse before the merge when the model cannot fit (the earlier model stays until the new one is whole)."""
-    ancestor = target
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = _nearest_existing(target)
     free = shutil.disk_usage(ancestor).free
     if free < needed_bytes:
         raise InputError(
@@ -175,6 +171,13 @@ def _exchange(a: Path, b: Path) -> None:
     if libc.renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+def _nearest_existing(path: Path) -> Path:
+    """`path`, or its closest ancestor that exists (the folder a save would be made in)."""
+    while not path.exists():
+        path = path.parent
+    return path
 
 
 def _umask() -> int:

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -25,6 +24,7 @@ from fusion_bench.tasks.clip_classification import ClassificationTask, classific
 from fusion_bench.utils.cache import cache_dir
 from fusion_bench.utils.dataset_loading import load_dataset_spec
 from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.instantiation import plain
 from fusion_bench.utils.local_paths import local_paths_in
 from fusion_bench.utils.progress import progress_bar
 
@@ -84,12 +84,12 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             raise InputError("the task pool has no test_datasets; list them as <task>: <dataset>")
         self._test_datasets = dict(test_datasets.items())
         self.tasks: dict[str, ClassificationTask] = {name: classification_task(name) for name in self._test_datasets}
-        self._clip_spec = _plain(clip_model) if clip_model is not None else base_model
+        self._clip_spec = plain(clip_model) if clip_model is not None else base_model
         self._base_name = self._clip_spec if isinstance(self._clip_spec, str) else base_model  # for messages
         self._clip_key = "base_model" if clip_model is None else "clip_model"  # the key messages name
-        self._processor_spec = _plain(processor) if processor is not None else base_model
-        self._data_processor_spec = _plain(data_processor) if data_processor is not None else self._processor_spec
-        self.dataloader_kwargs = _check_dataloader_kwargs(_plain(dataloader_kwargs) or {})
+        self._processor_spec = plain(processor) if processor is not None else base_model
+        self._data_processor_spec = plain(data_processor) if data_processor is not None else self._processor_spec
+        self.dataloader_kwargs = _check_dataloader_kwargs(plain(dataloader_kwargs) or {})
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
             raise InputError(f"max_samples={max_samples!r} must be a positive integer, or null for every sample")
         self.fast_dev_run = bool(fast_dev_run)
@@ -250,10 +250,6 @@ def _pretrained_path(spec: Any) -> str | None:
         path = spec.get("pretrained_model_name_or_path")
         return path if isinstance(path, str) else None
     return None
-
-
-def _plain(value: Any) -> Any:
-    return OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
 
 
 def _check_dataloader_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
