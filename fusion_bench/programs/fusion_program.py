@@ -87,7 +87,6 @@ class FusionProgram:
         self.report_save_overwrite = report_save_overwrite
         self.dry_run, self.fast_dev_run = dry_run, fast_dev_run
         self.print_config, self.print_function_call = print_config, print_function_call
-        self.path = path
 
     def run(self) -> dict[str, Any] | None:
         """The report (None for a dry run)."""

@@ -2,6 +2,7 @@
 
 import logging
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,13 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
 
     def prepare(self) -> None:
         """Before merging: the tokenizer and every task's examples load."""
-        self._tokenizer()
+        self._tokenizer  # noqa: B018 - loading it is the check
         for name, task, split in self.tasks:
             self._examples(name, task, split)
 
     def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
         """{task: {score, accuracy or spearman_rho, unparseable}} on the Fabric's device (else CPU)."""
-        tokenizer = self._tokenizer()
+        tokenizer = self._tokenizer
         device = fabric.device if fabric is not None else torch.device("cpu")
         model = model.to(device).eval()
         results = {}
@@ -109,7 +110,9 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
             log.info("%s: %s", name, results[name])
         return results
 
+    @cached_property
     def _tokenizer(self):
+        """Loaded once: prepare() checks it before the merge, evaluation uses it."""
         from transformers import AutoTokenizer
 
         try:
