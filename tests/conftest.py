@@ -65,3 +65,14 @@ def run_cli(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedPr
     if check and result.returncode != 0:
         raise AssertionError(f"fusion_bench {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """The command's bad-input promise: exit status 2 and a single `fusion_bench: error: ...` line
+    on stderr holding every fragment; returns that line."""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert len(lines) == 1 and lines[0].startswith("fusion_bench: error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from fusion_bench.reporting.report import meta
 from fusion_bench.utils.model_saving import MARKER
 from tests.clip_fixtures import write_clip_configs
-from tests.conftest import finetuned_copy, run_cli, tiny_bert, write_pool_config
+from tests.conftest import assert_one_line_error, finetuned_copy, run_cli, tiny_bert, write_pool_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -170,10 +170,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(world, bert_pool_dir, 
     args = [d for d in ("modelpool=tiny_bert", "taskpool=dummy") if not any(a.startswith(d.split("=")[0] + "=") for a in args)] + args
     before = snapshot(world, bert_pool_dir)
     result = run_cli("--config-dir", str(world / "config"), *args, f"hydra.run.dir={run_dir}", cwd=world, check=False)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and lines[0].startswith("fusion_bench: error: "), result.stderr
-    assert fragment.format(**fields) in lines[0]
+    assert_one_line_error(result, fragment.format(**fields))
     after = snapshot(world, bert_pool_dir)
     written = {path for path in set(after) - set(before) if not path.startswith(str(run_dir))}
     assert not written and {path: after[path] for path in before} == before
@@ -196,8 +193,7 @@ def test_task_pools_refuse_their_bad_input_before_merging(tmp_path, clip_world):
     ]
     for i, (overrides, fragment) in enumerate(cases):
         result = run_cli(*base, *overrides, f"hydra.run.dir={tmp_path / 'runs' / str(i)}", cwd=tmp_path, check=False)
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
+        assert_one_line_error(result, fragment)
         assert "merged with" not in result.stdout and not saved.exists() and not list(tmp_path.glob("runs/*/report.json"))
 
 

@@ -15,7 +15,7 @@ from fusion_bench.modelpool.lazy_state_dict import SafetensorsStateDict
 from fusion_bench.modelpool.torch_file import TorchStateDictFile
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import instantiate_checked
-from tests.conftest import TASKS, run_cli
+from tests.conftest import TASKS, assert_one_line_error, run_cli
 
 # alpha and beta in torch.save's zip format (memory-mapped), gamma in the legacy format (read whole)
 STATE_DICT_FILES = {"alpha": ("alpha.bin", True), "beta": ("beta.pt", True), "gamma": ("gamma.pth", False)}
@@ -54,7 +54,7 @@ def config_folder(bert_pool_dir, folder: pathlib.Path) -> pathlib.Path:
     return folder
 
 
-def assert_one_line_error(error: pytest.ExceptionInfo, path: pathlib.Path, fragment: str) -> None:
+def assert_one_line_naming(error: pytest.ExceptionInfo, path: pathlib.Path, fragment: str) -> None:
     message = str(error.value)
     assert "\n" not in message and str(path) in message and fragment in message, message
 
@@ -114,7 +114,7 @@ def test_a_malicious_pickle_is_refused_and_never_run(bert_pool_dir, tmp_path, wh
     for read in (pool.state_dict, pool.load_model):
         with pytest.raises(InputError) as error:
             read("alpha")
-        assert_one_line_error(error, path, "); fusion_bench never runs a checkpoint's pickled code; save ")
+        assert_one_line_naming(error, path, "); fusion_bench never runs a checkpoint's pickled code; save ")
         assert str(error.value).startswith(expected) and "GLOBAL" in str(error.value)
     assert not marker.exists()
     torch.load(weights, weights_only=False)  # the payload is real: loading it unsafely runs it
@@ -174,7 +174,7 @@ def test_unusable_models_are_named_on_one_line(bert_pool_dir, tmp_path, make):
     for read in (pool.state_dict, pool.load_model):
         with pytest.raises(InputError) as error:
             read("alpha")
-        assert_one_line_error(error, path, fragment)
+        assert_one_line_naming(error, path, fragment)
 
 
 def test_a_bare_state_dict_needs_a_pretrained_folder(state_dict_dir):
@@ -266,9 +266,7 @@ def test_cli_misspelt_pool_key(bert_pool_dir, tmp_path):
 
 
 def assert_cli_error(result, tmp_path: pathlib.Path, fragment: str) -> None:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("fusion_bench: error: "), result.stderr
-    assert fragment in lines[0], lines[0]
+    assert_one_line_error(result, fragment)
     written = [path for path in (tmp_path / "run").iterdir() if path.name != ".hydra"]
     assert all(path.suffix == ".log" for path in written), written  # Hydra's log, no report.json
     assert not (tmp_path / "merged").exists()

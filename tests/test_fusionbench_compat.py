@@ -26,24 +26,10 @@ from fusion_bench.reporting.report import SCHEMA
 from fusion_bench.taskpool import CLIPVisionModelTaskPool, DummyTaskPool
 from fusion_bench.utils.errors import InputError
 from tests.clip_fixtures import CLIP_TASKS, IMAGES_PER_TASK, write_clip_configs
-from tests.conftest import TASKS, run_cli, write_pool_config
+from tests.conftest import TASKS, assert_one_line_error, run_cli, write_pool_config
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "merge"]
 BATCH_SIZE = 8  # write_clip_configs' and fusion_bench_clip_taskpool's dataloader batch size
-
-
-def error_lines(result) -> list[str]:
-    return [line for line in result.stderr.splitlines() if line.strip()]
-
-
-def assert_one_line_error(result, *fragments: str) -> str:
-    """Exit status 2 and a single `fusion_bench: error: ...` line holding every fragment."""
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = error_lines(result)
-    assert len(lines) == 1 and lines[0].startswith("fusion_bench: error: "), lines
-    for fragment in fragments:
-        assert fragment in lines[0]
-    return lines[0]
 
 
 def assert_same_weights(expected: nn.Module, actual: nn.Module, atol: float = 0.0) -> None:

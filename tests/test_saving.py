@@ -17,7 +17,7 @@ from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import AutoModelPool
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.model_saving import MARKER, check_save_path, read_marker, save_merged_model
-from tests.conftest import TASKS, finetuned_copy, run_cli, write_pool_config
+from tests.conftest import TASKS, assert_one_line_error, finetuned_copy, run_cli, write_pool_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -173,8 +173,7 @@ def test_a_disk_too_small_is_refused_before_merging_and_keeps_the_earlier_model(
             pass
     os.truncate(filler, filler.stat().st_size - 8192)
     result = run_cli(*args, "merged_model_save_overwrite=true", "method.scaling_factor=0.9", f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path, check=False)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and "the merged model needs about" in lines[0] and "free some space" in lines[0], result.stderr
+    assert_one_line_error(result, "the merged model needs about", "free some space")
     assert_holds(target, earlier)
     assert not (tmp_path / "second" / "report.json").exists()
 
