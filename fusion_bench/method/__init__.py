@@ -1,9 +1,32 @@
-"""Merging methods: each a class whose constructor arguments are its config keys."""
+"""Merging methods: each a class whose constructor arguments are its config keys.
 
-from fusion_bench.method.base import BaseAlgorithm
-from fusion_bench.method.dummy import DummyAlgorithm
-from fusion_bench.method.simple_average import SimpleAverageAlgorithm
-from fusion_bench.method.task_arithmetic import TaskArithmeticAlgorithm
-from fusion_bench.method.ties_merging import TiesMergingAlgorithm
+Importable from here under FusionBench's names; each is imported on first use.
+"""
 
-__all__ = ["BaseAlgorithm", "DummyAlgorithm", "SimpleAverageAlgorithm", "TaskArithmeticAlgorithm", "TiesMergingAlgorithm"]
+from fusion_bench.utils.lazy_exports import lazy_exports
+
+_MODULES = {
+    "BaseAlgorithm": "base",
+    "DummyAlgorithm": "dummy",
+    "SimpleAverageAlgorithm": "simple_average",
+    "TaskArithmeticAlgorithm": "task_arithmetic",
+    "TiesMergingAlgorithm": "ties_merging",
+    "WeightedAverageAlgorithm": "weighted_average",
+    "MagMaxAlgorithm": "magmax",
+    "TaskSingularVectorMerging": "task_singular_vector",
+    "ISO_C_Merge": "isotropic_merging",
+    "ISO_CTS_Merge": "isotropic_merging",
+    "IsotropicMergingInCommonSubspace": "isotropic_merging",
+    "IsotropicMergingInCommonAndTaskSubspace": "isotropic_merging",
+    "WUDIMerging": "wudi",
+    "DareSimpleAverage": "dare",
+    "DareTaskArithmetic": "dare",
+    "DareTiesMerging": "dare",
+    "TallMaskTaskArithmeticAlgorithm": "tall_mask",
+    "ConsensusTaskArithmetic": "consensus",
+    "ConsensusTiesMerging": "consensus",
+    "ModelBreadcrumbs": "breadcrumbs",
+}
+__all__ = list(_MODULES)
+
+__getattr__ = lazy_exports(__name__, _MODULES)

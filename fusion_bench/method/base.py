@@ -22,6 +22,9 @@ class BaseAlgorithm:
     """
 
     _config_mapping: dict[str, str] = {}
+    # True where `run` returns PerTaskModels (one model per task): the program then checks, before
+    # merging, that the task pool scores each task with its own model and has a model for each.
+    makes_per_task_models = False
 
     def __init__(self, **kwargs):
         refuse_unknown_keys(self, kwargs, "method")

@@ -20,7 +20,9 @@ from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
+from fusion_bench.models.per_task_models import PerTaskModels
 from fusion_bench.reporting.report import build_report, check_report_path, format_table, split_results, write_report
+from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import instantiate_checked, plain
 from fusion_bench.utils.model_saving import check_free_space, check_save_path, save_merged_model
@@ -107,7 +109,8 @@ class FusionProgram:
             taskpool.prepare()
         timing["prepare_seconds"] = time.perf_counter() - start
         if save_target is not None:
-            check_free_space(save_target, _model_bytes(modelpool))
+            copies = len(modelpool.model_names) if getattr(method, "makes_per_task_models", False) else 1
+            check_free_space(save_target, copies * _model_bytes(modelpool))
 
         start = time.perf_counter()
         method.on_run_start()
@@ -120,7 +123,7 @@ class FusionProgram:
             start = time.perf_counter()
             save_merged_model(
                 save_target,
-                lambda staging: modelpool.save_model(merged, staging, **self.merged_model_save_kwargs),
+                lambda staging: self._save(modelpool, merged, staging),
                 record={"config": self._config_record(), "models": describe_models(modelpool)},
             )
             timing["save_seconds"] = time.perf_counter() - start
@@ -132,14 +135,16 @@ class FusionProgram:
             results = _evaluate(taskpool, merged, fabric)
             timing["eval_seconds"] = time.perf_counter() - start
         tasks, average, model_info = split_results(results)
+        one_model = merged.any_model() if isinstance(merged, PerTaskModels) else merged
         report = build_report(
             tasks=tasks,
             average=average,
-            model_info={**model_summary(merged), **(model_info or {}), "size_bytes": _size_bytes(merged)},
+            model_info={**model_summary(one_model), **(model_info or {}), "size_bytes": _size_bytes(one_model)},
             config=self._config_record(),
             models=describe_models(modelpool),
             timing=timing,
             overrides=hydra_overrides(),
+            per_task_models=list(merged) if isinstance(merged, PerTaskModels) else None,
         )
         if self.report_save_path:
             log.info("report: %s", write_report(report, self.report_save_path))
@@ -156,6 +161,8 @@ class FusionProgram:
         if self.configs["taskpool"] is not None:
             taskpool = build("taskpool", **({"fast_dev_run": True} if self.fast_dev_run and _takes(self.configs["taskpool"], "fast_dev_run") else {}))
             taskpool.check_modelpool(modelpool)
+            if getattr(method, "makes_per_task_models", False):
+                _check_scores_per_task_models(taskpool, modelpool)
             if getattr(taskpool, "uses_fabric", False):
                 fabric = self._fabric()
         return method, modelpool, taskpool, fabric
@@ -172,6 +179,14 @@ class FusionProgram:
         if self.report_save_path and Path(self.report_save_path).expanduser().absolute().is_relative_to(target):
             raise InputError(f"report_save_path={self.report_save_path} lies inside merged_model_save_path={self.merged_model_save_path}; keep the report beside the model")
         return target
+
+    def _save(self, modelpool: BaseModelPool, merged: nn.Module | PerTaskModels, staging: Path) -> None:
+        """The merged model into `staging`; per-task models each into a folder named after its task."""
+        if not isinstance(merged, PerTaskModels):
+            modelpool.save_model(merged, staging, **self.merged_model_save_kwargs)
+            return
+        for name in merged:
+            modelpool.save_model(merged[name], Path(staging) / name, **self.merged_model_save_kwargs)
 
     def _fabric(self):
         try:
@@ -205,6 +220,14 @@ def describe_models(pool: BaseModelPool) -> dict[str, str]:
         else:
             described[name] = str(spec)
     return described
+
+
+def _check_scores_per_task_models(taskpool: Any, modelpool: BaseModelPool) -> None:
+    """Before merging: a method that makes one model per task needs a task pool that scores each
+    task with its own model, and a model for every task it scores."""
+    if not isinstance(taskpool, BaseTaskPool):
+        raise InputError(f"the method makes one model per task, which {type(taskpool).__name__} cannot score; use a fusion_bench task pool")
+    taskpool.check_per_task_models(modelpool.model_names)
 
 
 def hydra_overrides() -> list[str]:

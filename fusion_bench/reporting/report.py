@@ -75,8 +75,13 @@ def build_report(
     average: Mapping[str, float] | None = None,
     overrides: Sequence[str] = (),
     error: BaseException | None = None,
+    per_task_models: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """A completed run's report, or (with `error`) a failed run's: its settings and why it failed."""
+    """A completed run's report, or (with `error`) a failed run's: its settings and why it failed.
+
+    per_task_models: the models' names where the method made one model per task (each task then
+    scored with its own model); the report records them, and model_info describes one of them.
+    """
     clashing = [task for task in tasks if task in RESERVED]
     if clashing:
         raise InputError(f"a task is named {clashing[0]!r}, a key the report keeps for itself; rename the task")
@@ -91,6 +96,7 @@ def build_report(
         "error": None if error is None else {"type": type(error).__name__, "message": str(error)},
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tasks": list(tasks),
+        "per_task_models": list(per_task_models) if per_task_models is not None else None,
         "overrides": list(overrides),
         "config": dict(config),
         "models": dict(models),

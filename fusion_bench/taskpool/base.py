@@ -1,11 +1,14 @@
 """The task pool: how a merged model is scored, task by task."""
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from fusion_bench.models.per_task_models import PerTaskModels
 from fusion_bench.reporting.report import average_metrics
+from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import refuse_unknown_keys
 from fusion_bench.utils.parameters import model_summary
 
@@ -15,8 +18,9 @@ TaskMetrics = dict[str, dict[str, float]]  # {task: {metric: value}}
 class BaseTaskPool:
     """Scores a model on each of its tasks.
 
-    Subclasses implement `evaluate_tasks`; `evaluate` returns FusionBench's report layout:
-    {task: metrics, ..., "average": {...}, "model_info": {...}}.
+    Subclasses implement `task_names` and `evaluate_tasks`; `evaluate` returns FusionBench's
+    report layout: {task: metrics, ..., "average": {...}, "model_info": {...}}. Given per-task
+    models (one model per task, as TALL masks make), each task is scored with its own model.
     uses_fabric: whether evaluation needs a Lightning Fabric (device placement); the program only
     creates (and imports) one for pools that do.
     """
@@ -39,15 +43,36 @@ class BaseTaskPool:
         never saved over them."""
         return {}
 
-    def evaluate(self, model: nn.Module, fabric: Any = None) -> dict[str, Any]:
+    def task_names(self) -> list[str]:
+        """The tasks scored, in order."""
+        raise NotImplementedError
+
+    def check_per_task_models(self, names: Sequence[str]) -> None:
+        """Raise InputError unless every task has a model among `names` (checked before merging)."""
+        missing = [task for task in self.task_names() if task not in names]
+        if missing:
+            raise InputError(
+                f"the method makes one model per task, but the model pool has none for task {missing[0]!r} "
+                f"(it has {', '.join(names)}); score only those tasks or add that task's model"
+            )
+
+    def evaluate(self, model: nn.Module | PerTaskModels, fabric: Any = None) -> dict[str, Any]:
         """FusionBench's report: each task's metrics, their average, and the model's size."""
-        tasks = self.evaluate_tasks(model, fabric)
+        if isinstance(model, PerTaskModels):
+            self.check_per_task_models(list(model))
+            tasks = {}
+            for task in self.task_names():
+                tasks.update(self.evaluate_tasks(model[task], fabric, tasks=[task]))
+            model = model.any_model()
+        else:
+            tasks = self.evaluate_tasks(model, fabric)
         report: dict[str, Any] = dict(tasks)
         if tasks:
             report["average"] = average_metrics(tasks)
         report["model_info"] = model_summary(model)
         return report
 
-    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
+        """{task: metrics} for `tasks` (default: all of them)."""
         raise NotImplementedError
 

@@ -1,5 +1,6 @@
 """A task pool with no tasks: the report then holds only the merged model's size."""
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -23,5 +24,8 @@ class DummyTaskPool(BaseTaskPool):
         if model_save_path is not None:
             raise InputError(f"taskpool.model_save_path={model_save_path} is not supported; save the merged model with merged_model_save_path={model_save_path}")
 
-    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def task_names(self) -> list[str]:
+        return []
+
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         return {}

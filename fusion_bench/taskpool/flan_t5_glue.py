@@ -81,13 +81,18 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         for name, task, split in self.tasks:
             self._examples(name, task, split)
 
-    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def task_names(self) -> list[str]:
+        return [name for name, _, _ in self.tasks]
+
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         """{task: {score, accuracy or spearman_rho, unparseable}} on the Fabric's device (else CPU)."""
         tokenizer = self._tokenizer
         device = fabric.device if fabric is not None else torch.device("cpu")
         model = model.to(device).eval()
         results = {}
         for name, task, split in self.tasks:
+            if tasks is not None and name not in tasks:
+                continue
             prompts, targets = self._examples(name, task, split)
             tokenized = tokenize_cached(tokenizer, prompts, max_length=_max_length(tokenizer), cache_dir=self.cache_dir)
             answers = generate_answers(

@@ -71,14 +71,17 @@ class TextClassificationTaskPool(BaseTaskPool):
         return {"the task pool's base_model": self.base_model}
 
     @torch.no_grad()
-    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         self._check_fits(model)
         tokenizer = AutoTokenizer.from_pretrained(self.base_model)
         model = fabric.to_device(model) if fabric else model
         model.eval()
         device = next(model.parameters()).device
         results = {}
-        for task in self.tasks:
+        for task in self.tasks if tasks is None else tasks:
             start = time.perf_counter()
             data = task_splits(task, self.seed)[self.split]
             if self.max_samples:

@@ -3,7 +3,7 @@
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -135,7 +135,10 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         return {f"the task pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(spec, key).items()}
 
     @torch.no_grad()
-    def evaluate_tasks(self, model: nn.Module, fabric: Any = None) -> TaskMetrics:
+    def task_names(self) -> list[str]:
+        return list(self.tasks)
+
+    def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         clip = self._load_clip()
         check_tower_fits(getattr(model, "config", None), clip.config.vision_config, self._base_name)
         device = fabric.device if fabric is not None else torch.device("cpu")
@@ -146,7 +149,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         transform = CLIPImageTransform(self._load_data_processor())
         autocast = fabric.autocast if fabric is not None else nullcontext
         results = {}
-        for task in self.tasks:
+        for task in self.tasks if tasks is None else tasks:
             start = time.perf_counter()
             head = self.head(task, device)
             batches = ImageBatches(self.dataset(task), self._indices(task), self.dataloader_kwargs["batch_size"], transform)
