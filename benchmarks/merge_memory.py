@@ -1,4 +1,4 @@
-"""Time and peak memory of merging 8 ViT-B/32 vision towers, beside the reference FusionBench.
+"""Time and peak memory of merging 8 ViT-B/32 vision towers with each method, beside the reference FusionBench.
 
     python benchmarks/merge_memory.py [--methods ties_merging ...] [--repeats 3] [--no-reference]
 
@@ -21,16 +21,45 @@ import sys
 import tempfile
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusion_bench.utils.cache import cache_dir
 
 N_TASKS = 8
-METHODS = ("simple_average", "task_arithmetic", "ties_merging")
-REFERENCE_CLASSES = {
-    "simple_average": "SimpleAverageAlgorithm()",
-    "task_arithmetic": "TaskArithmeticAlgorithm(scaling_factor=0.3)",
-    "ties_merging": "TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func='sum')",
+WUDI_ITERATIONS = 20  # of its 400 by default: the reference's autograd steps take hours on a CPU
+NO_DROP = "sparsity_ratio=0.0, only_on_linear_weights=False, rescale=True"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A method as run here: our config and overrides, and the reference's call (None: it has none)."""
+
+    overrides: tuple[str, ...]
+    reference: str | None
+    compare: bool = True  # whether the merged weights must equal the reference's
+
+
+METHODS = {
+    "simple_average": Method((), "SimpleAverageAlgorithm()"),
+    "task_arithmetic": Method((), "TaskArithmeticAlgorithm(scaling_factor=0.3)"),
+    "ties_merging": Method((), "TiesMergingAlgorithm(scaling_factor=0.3, threshold=20, remove_keys=[], merge_func='sum')"),
+    "linear/weighted_average": Method((f"method.weights=[{','.join(['1'] * N_TASKS)}]",), f"WeightedAverageAlgorithm(normalize=True, weights=[1.0] * {N_TASKS})"),
+    "magmax/magmax": Method((), "MagMaxAlgorithm(scaling_factor=0.5)"),
+    "task_singular_vector/TaskSingularVectorMerging": Method((), "TaskSingularVectorMerging(alpha=1)"),
+    "isotropic_merging/iso_c": Method((), "ISO_C_Merge(scaling_factor=1.0)"),
+    "isotropic_merging/iso_cts": Method((), "ISO_CTS_Merge(scaling_factor=1.0, common_space_fraction=0.8)"),
+    "wudi/wudi": Method((f"method.iter_num={WUDI_ITERATIONS}",), f"WUDIMerging(iter_num={WUDI_ITERATIONS})"),
+    # DARE draws its masks at random (the reference from the global RNG): timed with p = 0.5, while
+    # the weights are compared without dropping, where both are deterministic.
+    "dare/simple_average": Method((), "DareSimpleAverage(sparsity_ratio=0.5, only_on_linear_weights=False)", compare=False),
+    "dare/task_arithmetic": Method((), "DareTaskArithmetic(scaling_factor=0.3, sparsity_ratio=0.5, only_on_linear_weights=False)", compare=False),
+    "dare/ties_merging": Method((), "DareTiesMerging(sparsity_ratio=0.5, only_on_linear_weights=False, rescale=True, scaling_factor=0.5, threshold=20, remove_keys=[], merge_func='sum')", compare=False),
+    # one model per task: the reference's fails on pools of nn.Modules (a TypeError), so it is run to show that
+    "tall_mask/task_arithmetic": Method((), "TallMaskTaskArithmeticAlgorithm(tall_mask_lambda=0.6)", compare=False),
+    "consensus/task_arithmetic": Method((), None),
+    "consensus/ties_merging": Method((), None),
+    "breadcrumbs/task_arithmetic": Method((), None),
 }
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,24 +123,29 @@ def ours(method: str, folders: dict[str, Path], workdir: Path, save_to: Path | N
         f"_target_: fusion_bench.modelpool.AutoModelPool\nmodel_class: transformers.CLIPVisionModel\nmodels:\n{models}\n"
     )
     command = [sys.executable, "-m", "fusion_bench", "--config-dir", str(config_dir), "modelpool=bench_vit_b32",
-               f"method={method}", "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}"]
+               f"method={method}", *METHODS[method].overrides, "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}"]
     if save_to:
         command.append(f"merged_model_save_path={save_to}")
     return measure(command, env={"TQDM_DISABLE": "1"})
 
 
-def reference(python: str, method: str, folders: dict[str, Path], save_to: Path) -> tuple[float, float]:
+def reference(python: str, method: str, folders: dict[str, Path], save_to: Path | None) -> tuple[float, float]:
+    call = METHODS[method].reference
     script = textwrap.dedent(f"""
         import json, torch
         from safetensors.torch import save_file
-        from transformers import CLIPVisionModel
-        from fusion_bench.method import {REFERENCE_CLASSES[method].split("(")[0]}
+        import fusion_bench.method as methods
+        from fusion_bench.method.dare import DareTiesMerging
+        from fusion_bench.method.tall_mask import TallMaskTaskArithmeticAlgorithm
         from fusion_bench.modelpool import BaseModelPool
         folders = json.loads({json.dumps(json.dumps({k: str(v) for k, v in folders.items()}))})
         pool = BaseModelPool({{name: {{"_target_": "transformers.CLIPVisionModel.from_pretrained",
                                      "pretrained_model_name_or_path": folder}} for name, folder in folders.items()}})
-        merged = {REFERENCE_CLASSES[method]}.run(pool)
-        save_file({{k: v.contiguous() for k, v in merged.state_dict().items()}}, {str(save_to)!r})
+        name = {call.split("(")[0]!r}
+        algorithm = eval({call!r}, {{name: globals().get(name) or getattr(methods, name)}})
+        merged = algorithm.run(pool)
+        if {str(save_to) if save_to else ""!r}:
+            save_file({{k: v.contiguous() for k, v in merged.state_dict().items()}}, {str(save_to)!r})
     """)
     # -I: with -c, Python puts the working directory first on sys.path, and from this repository
     # `import fusion_bench` would then load ours instead of the reference.
@@ -126,6 +160,35 @@ def max_difference(ours_folder: Path, reference_file: Path) -> float:
     return max((ours_weights[k].float() - theirs[k].float()).abs().max().item() for k in ours_weights)
 
 
+def measure_method(method: str, folders: dict[str, Path], tmp: Path, python: str | None, repeats: int) -> dict:
+    seconds, rss = median_of(repeats, folders, lambda: ours(method, folders, tmp / method))
+    row = {"method": method, "ours_s": seconds, "ours_rss": rss}
+    spec = METHODS[method]
+    if not python or spec.reference is None:
+        return row
+    saved = tmp / f"{method}-ref.safetensors" if spec.compare else None
+    try:
+        row["ref_s"], row["ref_rss"] = median_of(repeats, folders, lambda: reference(python, method, folders, saved))
+    except RuntimeError as error:
+        row["ref_error"] = str(error).strip().splitlines()[-1]
+        return row
+    if spec.compare:
+        ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")
+        row["max_diff"] = max_difference(tmp / f"{method}-merged", saved)
+    return row
+
+
+def format_row(row: dict) -> str:
+    mine = f"| {row['method']} | {row['ours_s']:.1f} s | {row['ours_rss']:.2f} GiB |"
+    if "ref_error" in row:
+        return f"{mine} fails: {row['ref_error'][:80]} | | | | |"
+    if "ref_s" not in row:
+        return f"{mine} – | – | – | – | – |"
+    difference = f"{row['max_diff']:.1e}" if "max_diff" in row else "random (DARE) / per-task"
+    return (f"{mine} {row['ref_s']:.1f} s | {row['ref_rss']:.2f} GiB | {row['ours_s'] / row['ref_s']:.2f}× | "
+            f"{row['ours_rss'] / row['ref_rss']:.2f}× | {difference} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
@@ -138,23 +201,15 @@ def main() -> None:
         python = subprocess.run([str(REPO.parent / "shared" / "tools" / "reference-venv.sh")], capture_output=True, text=True, check=True).stdout.strip()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
         for method in args.methods:
-            seconds, rss = median_of(args.repeats, folders, lambda: ours(method, folders, tmp / method))
-            row = {"method": method, "ours_s": seconds, "ours_rss": rss}
-            if python:
-                ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")
-                reference_run = lambda: reference(python, method, folders, tmp / f"{method}-ref.safetensors")  # noqa: E731
-                row["ref_s"], row["ref_rss"] = median_of(args.repeats, folders, reference_run)
-                row["max_diff"] = max_difference(tmp / f"{method}-merged", tmp / f"{method}-ref.safetensors")
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr)
-    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores, median of {args.repeats} runs\n")
-    print("| method | fusion_bench time | fusion_bench peak RSS | reference time | reference peak RSS | max abs difference |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        ref = f"{r['ref_s']:.1f} s | {r['ref_rss']:.2f} GiB | {r['max_diff']:.1e}" if "ref_s" in r else "– | – | –"
-        print(f"| {r['method']} | {r['ours_s']:.1f} s | {r['ours_rss']:.2f} GiB | {ref} |")
+            rows.append(measure_method(method, folders, Path(tmp), python, args.repeats))
+            print(json.dumps(rows[-1]), file=sys.stderr)
+    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores, median of {args.repeats} runs; "
+          f"WUDI with {WUDI_ITERATIONS} Adam steps\n")
+    print("| method | fusion_bench time | fusion_bench peak RSS | reference time | reference peak RSS | time ratio | memory ratio | max abs difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(format_row(row))
 
 
 if __name__ == "__main__":

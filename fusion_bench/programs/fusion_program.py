@@ -105,7 +105,7 @@ class FusionProgram:
         timing = {}
         start = time.perf_counter()
         modelpool.prepare()
-        if taskpool is not None:
+        if hasattr(taskpool, "prepare"):  # FusionBench's task pools prepare nothing ahead
             taskpool.prepare()
         timing["prepare_seconds"] = time.perf_counter() - start
         if save_target is not None:
@@ -160,7 +160,8 @@ class FusionProgram:
         taskpool = fabric = None
         if self.configs["taskpool"] is not None:
             taskpool = build("taskpool", **({"fast_dev_run": True} if self.fast_dev_run and _takes(self.configs["taskpool"], "fast_dev_run") else {}))
-            taskpool.check_modelpool(modelpool)
+            if hasattr(taskpool, "check_modelpool"):  # not FusionBench's task pools
+                taskpool.check_modelpool(modelpool)
             if getattr(method, "makes_per_task_models", False):
                 _check_scores_per_task_models(taskpool, modelpool)
             if getattr(taskpool, "uses_fabric", False):
