@@ -151,3 +151,12 @@ def test_failed_runs_are_listed_and_a_sweep_without_scores_says_so(tmp_path, rep
         report_main([str(tmp_path / "dummy")])
     assert exit_info.value.code == 2
     assert "nothing to tabulate: 1 completed run(s) with no 'accuracy' score on any task (0 failed)" in capsys.readouterr().err
+
+
+def test_tsv_m_s_alpha_is_its_lambda_and_a_list_of_alphas_names_the_row():
+    tsv = "fusion_bench.method.TaskSingularVectorMerging"
+    rows = rows_from_reports([
+        report({"_target_": tsv, "alpha": 1.5, "exclude_keys": None, "return_single_task_models": False}, {"alpha": 0.6, "beta": 0.4}),
+        report({"_target_": tsv, "alpha": [1.0, 2.0], "exclude_keys": None, "return_single_task_models": False}, {"alpha": 0.5, "beta": 0.5}),
+    ])
+    assert [row.label for row in rows] == ["TSV-M, λ=1.5", "TSV-M (alpha=[1.0, 2.0])"]

@@ -25,7 +25,24 @@ SHORT_NAMES = {
     "TiesMergingAlgorithm": "TIES",
     "TaskArithmeticAlgorithm": "Task Arithmetic",
     "SimpleAverageAlgorithm": "Simple Average",
+    "WeightedAverageAlgorithm": "Weighted Average",
+    "MagMaxAlgorithm": "MagMax",
+    "TaskSingularVectorMerging": "TSV-M",
+    "IsotropicMergingInCommonSubspace": "Iso-C",
+    "ISO_C_Merge": "Iso-C",
+    "IsotropicMergingInCommonAndTaskSubspace": "Iso-CTS",
+    "ISO_CTS_Merge": "Iso-CTS",
+    "WUDIMerging": "WUDI",
+    "DareSimpleAverage": "DARE + Simple Average",
+    "DareTaskArithmetic": "DARE + Task Arithmetic",
+    "DareTiesMerging": "DARE + TIES",
+    "TallMaskTaskArithmeticAlgorithm": "TALL masks (per task)",
+    "ConsensusTaskArithmetic": "Consensus TA",
+    "ConsensusTiesMerging": "Consensus TIES",
+    "ModelBreadcrumbs": "Breadcrumbs",
 }
+# The key a method scales its merged task vector by, the λ that sweeps choose (TSV-M calls it alpha).
+LAMBDA_KEYS = ("scaling_factor", "alpha")
 ZERO_SHOT, INDIVIDUAL = "Pretrained (zero-shot)", "Fine-tuned (individual)"
 
 
@@ -125,9 +142,10 @@ def describe_method(method: dict) -> tuple[str, float | None]:
         defaults = {name: p.default for name, p in inspect.signature(get_class(method["_target_"])).parameters.items()}
     except Exception:  # a method not installed here: show every parameter
         defaults = {}
-    changed = [f"{k}={_format(v)}" for k, v in method.items() if not k.startswith("_") and k != "scaling_factor" and _differs(v, defaults.get(k, inspect.Parameter.empty))]
+    scale = next((key for key in LAMBDA_KEYS if isinstance(method.get(key), (int, float)) and not isinstance(method.get(key), bool)), None)
+    changed = [f"{k}={_format(v)}" for k, v in method.items() if not k.startswith("_") and k != scale and _differs(v, defaults.get(k, inspect.Parameter.empty))]
     name = SHORT_NAMES.get(class_name, class_name)
-    return (f"{name} ({', '.join(changed)})" if changed else name), method.get("scaling_factor")
+    return (f"{name} ({', '.join(changed)})" if changed else name), method.get(scale) if scale else None
 
 
 def mark_best(rows: list[Row], *, select_on: str | None = None) -> list[Row]:

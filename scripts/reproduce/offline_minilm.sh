@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The offline MiniLM benchmark's table and figures (docs/reproducing.md), on CPU: on 2 cores about
-# 50 min per seed, then 20 min. For each seed, the fine-tuned models (built once), the baselines,
-# and λ sweeps of task arithmetic and TIES on validation and test; then TIES ablations and the
+# 85 min per seed, then 20 min. For each seed, the fine-tuned models (built once), the baselines,
+# λ sweeps of task arithmetic and TIES on validation and test, and the data-free methods past TIES
+# (TSV-M, Iso-C/CTS, WUDI, DARE, Consensus, TALL masks, ...); then TIES ablations and the
 # scaling with the number of merged tasks (seed 0); then one table per seed (λ chosen on
 # validation) and the figures.
 #   scripts/reproduce/offline_minilm.sh [output directory] [seeds...]
@@ -16,6 +17,27 @@ tasks=newsgroups,newsgroup_hierarchies,reuters8,reuters52,election_tweets,movie_
 # shellcheck source=scripts/reproduce/sweep.sh
 source "$(dirname "$0")/sweep.sh"
 
+# The data-free methods past TIES (docs/reproducing.md), each on a small grid of its λ around the
+# papers' choice, on validation and test: about 35 min per seed.
+data_free_runs=(weighted_average magmax tsv_m iso_c iso_cts wudi dare_simple_average dare_task_arithmetic dare_ties consensus_ta consensus_ties breadcrumbs tall_mask)
+data_free() {
+  local s=$1; shift
+  local both=taskpool.split=validation,test
+  sweep "$s/weighted_average" "$@" method=linear/weighted_average "method.weights=[1,1,1,1,1,1,1,1]" $both
+  sweep "$s/magmax" "$@" method=magmax/magmax method.scaling_factor=0.3,0.5,0.7 $both
+  sweep "$s/tsv_m" "$@" method=task_singular_vector/TaskSingularVectorMerging method.alpha=0.5,1.0,1.5 $both
+  sweep "$s/iso_c" "$@" method=isotropic_merging/iso_c method.scaling_factor=1.0,1.5,2.0 $both
+  sweep "$s/iso_cts" "$@" method=isotropic_merging/iso_cts method.scaling_factor=1.0,1.5,2.0 $both
+  sweep "$s/wudi" "$@" method=wudi/wudi $both
+  sweep "$s/dare_simple_average" "$@" method=dare/simple_average $both
+  sweep "$s/dare_task_arithmetic" "$@" method=dare/task_arithmetic method.scaling_factor=0.5,0.7,0.9 $both
+  sweep "$s/dare_ties" "$@" method=dare/ties_merging method.scaling_factor=0.5,0.7,0.9 $both
+  sweep "$s/consensus_ta" "$@" method=consensus/task_arithmetic method.scaling_factor=0.5,0.7,0.9 $both
+  sweep "$s/consensus_ties" "$@" method=consensus/ties_merging method.scaling_factor=0.5,0.7,0.9 $both
+  sweep "$s/breadcrumbs" "$@" method=breadcrumbs/task_arithmetic method.scaling_factor=0.5,0.7,0.9 $both
+  sweep "$s/tall_mask" "$@" method=tall_mask/task_arithmetic $both
+}
+
 for seed in $seeds; do
   s="$out/seed$seed"
   "$fb" --config-name finetune "modelpool.seed=$seed" "hydra.run.dir=$s/finetune"
@@ -26,6 +48,7 @@ for seed in $seeds; do
   sweep "$s/task_arithmetic" "${common[@]}" method=task_arithmetic "method.scaling_factor=$lambdas" taskpool.split=validation,test
   sweep "$s/ties_sum" "${common[@]}" method=ties_merging "method.scaling_factor=$lambdas" taskpool.split=validation,test
   sweep "$s/ties_mean" "${common[@]}" method=ties_merging method.merge_func=mean "method.scaling_factor=0.5,0.75,1.0,1.25,1.5,1.75,2.0" taskpool.split=validation,test
+  data_free "$s" "${common[@]}"
 done
 
 s="$out/seed0"
@@ -38,6 +61,7 @@ report=${FUSION_BENCH_REPORT:-fusion_bench_report}
 for seed in $seeds; do
   s="$out/seed$seed"
   "$report" "$s/zero_shot" "$s/individual" "$s/simple_average" "$s/task_arithmetic" "$s/ties_sum" "$s/ties_mean" --select-on validation --output "$out/table_seed$seed.md"
+  "$report" "$s/zero_shot" "$s/individual" "${data_free_runs[@]/#/$s/}" --select-on validation --output "$out/table_data_free_seed$seed.md"
   "$report" "$s/zero_shot" "$s/individual" "$s/simple_average" "$s/task_arithmetic" "$s/ties_sum" "$s/ties_mean" --output "$out/lambda_grid_seed$seed.md" --figures "$out/figures_seed$seed"
 done
 "$report" "$out/seed0/individual" "$out/seed0/ablations" --output "$out/ablations.md" --figures "$out/figures_ablations"
