@@ -187,7 +187,9 @@ class FusionProgram:
             modelpool.save_model(merged, staging, **self.merged_model_save_kwargs)
             return
         for name in merged:
-            modelpool.save_model(merged[name], Path(staging) / name, **self.merged_model_save_kwargs)
+            folder = Path(staging) / name
+            folder.mkdir()
+            modelpool.save_model(merged[name], folder, **self.merged_model_save_kwargs)
 
     def _fabric(self):
         try:
