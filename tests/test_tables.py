@@ -159,4 +159,4 @@ def test_tsv_m_s_alpha_is_its_lambda_and_a_list_of_alphas_names_the_row():
         report({"_target_": tsv, "alpha": 1.5, "exclude_keys": None, "return_single_task_models": False}, {"alpha": 0.6, "beta": 0.4}),
         report({"_target_": tsv, "alpha": [1.0, 2.0], "exclude_keys": None, "return_single_task_models": False}, {"alpha": 0.5, "beta": 0.5}),
     ])
-    assert [row.label for row in rows] == ["TSV-M, λ=1.5", "TSV-M (alpha=[1.0, 2.0])"]
+    assert [row.label for row in rows] == ["TSV-M, λ=1.5", "TSV-M (alpha=[1.0,2.0])"]

@@ -58,4 +58,6 @@ def check_exclude_keys(exclude_keys: Sequence[str] | None) -> list[str]:
         return []
     if isinstance(exclude_keys, str):
         raise InputError(f"exclude_keys must be a list of keys, got the string {exclude_keys!r}; write [{exclude_keys!r}]")
+    if not isinstance(exclude_keys, Sequence) or not all(isinstance(key, str) for key in exclude_keys):
+        raise InputError(f"exclude_keys={exclude_keys!r} must be a list of state-dict keys, e.g. exclude_keys=[vision_model.embeddings.position_embedding.weight]")
     return list(exclude_keys)

@@ -29,6 +29,11 @@ class BaseAlgorithm:
     def __init__(self, **kwargs):
         refuse_unknown_keys(self, kwargs, "method")
 
+    def check_modelpool(self, modelpool: BaseModelPool) -> None:
+        """Raise InputError if the method cannot merge this pool, from its names and configs alone
+        (e.g. one weight per task model): the program calls it before preparing the pool, so bad
+        input fails before any download or fine-tuning, and in a dry run. The default accepts any."""
+
     def on_run_start(self) -> None:
         """Called by the program just before `run`."""
 

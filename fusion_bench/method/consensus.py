@@ -27,6 +27,10 @@ class ConsensusTaskArithmetic(BaseAlgorithm):
         self.tall_mask_lambda = check_tall_mask_lambda(tall_mask_lambda)
         self.scaling_factor = check_scaling_factor(scaling_factor)
 
+    def check_modelpool(self, modelpool: BaseModelPool) -> None:
+        """A list of λs has one per task model."""
+        lambdas_per_task(self.tall_mask_lambda, modelpool.model_names)
+
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:
         pool = as_modelpool(modelpool)
@@ -64,6 +68,8 @@ class ConsensusTiesMerging(BaseAlgorithm):
             raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
         self.remove_keys = list(remove_keys)
         self.merge_func = check_merge_func(merge_func)
+
+    check_modelpool = ConsensusTaskArithmetic.check_modelpool
 
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> nn.Module:

@@ -36,6 +36,10 @@ class TallMaskTaskArithmeticAlgorithm(BaseAlgorithm):
                 raise InputError(f"{key}={value!r} must be an integer, e.g. {key}=0")
         self.debug, self.verbose = debug, verbose
 
+    def check_modelpool(self, modelpool: BaseModelPool) -> None:
+        """A list of λs has one per task model."""
+        lambdas_per_task(self.tall_mask_lambda, modelpool.model_names)
+
     @torch.no_grad()
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> PerTaskModels:
         pool = as_modelpool(modelpool)

@@ -157,6 +157,8 @@ class FusionProgram:
         build = lambda group, **kwargs: instantiate_checked(self.configs[group], group, log_call=self.print_function_call, **kwargs)  # noqa: E731
         method = build("method")
         modelpool = build("modelpool")
+        if hasattr(method, "check_modelpool"):  # not FusionBench's methods
+            method.check_modelpool(modelpool)
         taskpool = fabric = None
         if self.configs["taskpool"] is not None:
             taskpool = build("taskpool", **({"fast_dev_run": True} if self.fast_dev_run and _takes(self.configs["taskpool"], "fast_dev_run") else {}))
