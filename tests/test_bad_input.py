@@ -136,6 +136,10 @@ CASES = [
     ("seed-not-an-integer", ["seed=abc"], "seed='abc' must be an integer"),
     ("seed-a-float", ["seed=1.5"], "seed=1.5 must be an integer"),
     ("boolean-not-a-boolean", ["dry_run=1"], "dry_run=1 must be true or false"),
+    ("dare-sparsity-ratio-1", ["method=dare/task_arithmetic", "method.sparsity_ratio=1.0"], "sparsity_ratio=1.0 must be a number in [0, 1)"),
+    ("iso-cts-common-space-0", ["method=isotropic_merging/iso_cts", "method.common_space_fraction=0"], "common_space_fraction=0 must be a number in (0, 1]"),
+    ("tsv-alpha-nan", ["method=task_singular_vector/TaskSingularVectorMerging", "method.alpha=nan"], "alpha=nan must be a finite number"),
+    ("weights-one-per-model", ["method=linear/weighted_average"], "weights lists 2 numbers but the pool has 3 task models (alpha, beta, gamma)"),
     # config keys and names
     ("key-not-in-the-config", ["method.foo=1"], "method.foo: the method config has no key 'foo'; its keys are: scaling_factor, threshold"),
     ("key-not-taken-by-the-class", ["+method.foo=1"], "unknown key 'foo' for fusion_bench.method.TiesMergingAlgorithm; its keys are: scaling_factor"),

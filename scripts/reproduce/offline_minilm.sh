@@ -38,9 +38,10 @@ data_free() {
   sweep "$s/wudi" "$@" method=wudi/wudi $both
   sweep "$s/dare_simple_average" "$@" method=dare/simple_average $both
   chosen_on_validation "$s/dare_task_arithmetic" scaling_factor 0.5,0.7,0.9 "$@" method=dare/task_arithmetic
-  chosen_on_validation "$s/dare_ties" scaling_factor 0.5,0.7,0.9 "$@" method=dare/ties_merging
-  chosen_on_validation "$s/consensus_ta" scaling_factor 0.5,0.7,0.9 "$@" method=consensus/task_arithmetic
-  chosen_on_validation "$s/consensus_ties" scaling_factor 0.5,0.7,0.9 "$@" method=consensus/ties_merging
+  chosen_on_validation "$s/dare_ties" scaling_factor 0.3,0.5,0.7,0.9 "$@" method=dare/ties_merging
+  # Consensus keeps a part of the task vector only, so its best λ lies higher
+  chosen_on_validation "$s/consensus_ta" scaling_factor 0.5,0.7,0.9,1.2,1.5 "$@" method=consensus/task_arithmetic
+  chosen_on_validation "$s/consensus_ties" scaling_factor 0.5,0.7,0.9,1.2,1.5 "$@" method=consensus/ties_merging
   chosen_on_validation "$s/breadcrumbs" scaling_factor 0.5,0.7,0.9 "$@" method=breadcrumbs/task_arithmetic
   sweep "$s/tall_mask" "$@" method=tall_mask/task_arithmetic $both
 }
