@@ -32,7 +32,7 @@ data_free() {
   local s=$1; shift
   local both=taskpool.split=validation,test
   sweep "$s/weighted_average" "$@" method=linear/weighted_average "method.weights=[1,1,1,1,1,1,1,1]" $both
-  chosen_on_validation "$s/magmax" scaling_factor 0.3,0.5,0.7,0.9,1.1 "$@" method=magmax/magmax
+  chosen_on_validation "$s/magmax" scaling_factor 0.3,0.5,0.7,0.9,1.1,1.3,1.5 "$@" method=magmax/magmax
   chosen_on_validation "$s/tsv_m" alpha 0.5,1.0,1.5,2.0,2.5 "$@" method=task_singular_vector/TaskSingularVectorMerging
   chosen_on_validation "$s/iso_c" scaling_factor 1.0,1.5,2.0,2.5,3.0 "$@" method=isotropic_merging/iso_c
   chosen_on_validation "$s/iso_cts" scaling_factor 1.0,1.5,2.0,2.5,3.0 "$@" method=isotropic_merging/iso_cts
@@ -41,8 +41,8 @@ data_free() {
   chosen_on_validation "$s/dare_task_arithmetic" scaling_factor 0.5,0.7,0.9 "$@" method=dare/task_arithmetic
   chosen_on_validation "$s/dare_ties" scaling_factor 0.3,0.5,0.7,0.9 "$@" method=dare/ties_merging
   # Consensus keeps a part of the task vector only, so its best λ lies higher
-  chosen_on_validation "$s/consensus_ta" scaling_factor 0.5,0.7,0.9,1.2,1.5 "$@" method=consensus/task_arithmetic
-  chosen_on_validation "$s/consensus_ties" scaling_factor 0.5,0.7,0.9,1.2,1.5 "$@" method=consensus/ties_merging
+  chosen_on_validation "$s/consensus_ta" scaling_factor 0.5,0.7,0.9,1.2,1.5,2.0,2.5 "$@" method=consensus/task_arithmetic
+  chosen_on_validation "$s/consensus_ties" scaling_factor 0.5,0.7,0.9,1.2,1.5,2.0,2.5 "$@" method=consensus/ties_merging
   chosen_on_validation "$s/breadcrumbs" scaling_factor 0.5,0.7,0.9 "$@" method=breadcrumbs/task_arithmetic
   sweep "$s/tall_mask" "$@" method=tall_mask/task_arithmetic $both
 }
