@@ -170,7 +170,8 @@ def measure_method(method: str, folders: dict[str, Path], tmp: Path, python: str
     try:
         row["ref_s"], row["ref_rss"] = median_of(repeats, folders, lambda: reference(python, method, folders, saved))
     except RuntimeError as error:
-        row["ref_error"] = str(error).strip().splitlines()[-1]
+        lines = str(error).strip().splitlines()
+        row["ref_error"] = next((line for line in reversed(lines) if "Error" in line), lines[-1])  # stdout may end after the traceback
         return row
     if spec.compare:
         ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")

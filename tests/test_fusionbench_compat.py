@@ -540,3 +540,15 @@ def test_help_says_what_fusion_bench_is_and_lists_the_choices(tmp_path, bert_wor
             expected = {name for name in shipped if not any(part.startswith("_") for part in name.split("/"))}
             assert expected and expected <= choices, (group, expected - choices)
         assert "tiny_bert" in choices  # the user's --config-dir too
+
+
+def test_every_method_imports_under_fusion_bench_s_names_and_module_paths():
+    import fusion_bench.method as methods
+    from fusion_bench.method.dare import DareTiesMerging
+    from fusion_bench.method.tall_mask import TallMaskTaskArithmeticAlgorithm
+
+    classes = {name: getattr(methods, name) for name in methods.__all__}
+    assert classes["DareTiesMerging"] is DareTiesMerging and classes["TallMaskTaskArithmeticAlgorithm"] is TallMaskTaskArithmeticAlgorithm
+    assert classes["ISO_C_Merge"] is classes["IsotropicMergingInCommonSubspace"]
+    assert classes["ISO_CTS_Merge"] is classes["IsotropicMergingInCommonAndTaskSubspace"]
+    assert all(issubclass(cls, methods.BaseAlgorithm) for cls in classes.values())
