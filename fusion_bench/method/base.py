@@ -129,3 +129,10 @@ def check_scaling_factor(scaling_factor: float) -> float:
     if isinstance(scaling_factor, bool) or not isinstance(scaling_factor, (int, float)) or not math.isfinite(scaling_factor):
         raise InputError(f"scaling_factor={scaling_factor!r} must be a finite number, e.g. scaling_factor=0.3")
     return float(scaling_factor)
+
+
+def check_remove_keys(remove_keys: Sequence[str]) -> list[str]:
+    """TIES's remove_keys as a list (a lone string would be read as its characters)."""
+    if isinstance(remove_keys, str):
+        raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
+    return list(remove_keys)

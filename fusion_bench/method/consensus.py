@@ -10,9 +10,8 @@ from torch import nn
 from fusion_bench.merging.disjoint_merge import check_merge_func
 from fusion_bench.merging.tall_masks import check_consensus_k, check_tall_mask_lambda, consensus_task_arithmetic_merge, consensus_ties_merge, lambdas_per_task
 from fusion_bench.merging.trim import keep_fraction
-from fusion_bench.method.base import BaseAlgorithm, MergeInputs, check_scaling_factor, merge_inputs, output_model
+from fusion_bench.method.base import BaseAlgorithm, MergeInputs, check_remove_keys, check_scaling_factor, merge_inputs, output_model
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
-from fusion_bench.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +63,7 @@ class ConsensusTiesMerging(BaseAlgorithm):
         self.scaling_factor = check_scaling_factor(scaling_factor)
         keep_fraction(threshold)
         self.threshold = threshold
-        if isinstance(remove_keys, str):
-            raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
-        self.remove_keys = list(remove_keys)
+        self.remove_keys = check_remove_keys(remove_keys)
         self.merge_func = check_merge_func(merge_func)
 
     check_modelpool = ConsensusTaskArithmetic.check_modelpool

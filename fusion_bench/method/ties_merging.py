@@ -8,7 +8,7 @@ from torch import nn
 from fusion_bench.merging.disjoint_merge import check_merge_func
 from fusion_bench.merging.ties import check_trim_scope, ties_merge
 from fusion_bench.merging.trim import keep_fraction
-from fusion_bench.method.base import BaseAlgorithm, check_scaling_factor, merge_inputs, output_model
+from fusion_bench.method.base import BaseAlgorithm, check_remove_keys, check_scaling_factor, merge_inputs, output_model
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 from fusion_bench.utils.errors import InputError
 
@@ -37,9 +37,7 @@ class TiesMergingAlgorithm(BaseAlgorithm):
         self.scaling_factor = check_scaling_factor(scaling_factor)
         keep_fraction(threshold)
         self.threshold = threshold
-        if isinstance(remove_keys, str):
-            raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
-        self.remove_keys = list(remove_keys)
+        self.remove_keys = check_remove_keys(remove_keys)
         self.merge_func = check_merge_func(merge_func)
         self.trim_scope = check_trim_scope(trim_scope)
         if not isinstance(elect, bool):
