@@ -101,7 +101,7 @@ def test_accuracy_and_loss_match_a_hand_computation():
 
 def test_heads_are_built_once(monkeypatch):
     TextClassificationTaskPool(["election_tweets"]).head("election_tweets")
-    import fusion_bench.taskpool.text_classification as module
+    import fusion_bench.models.sentence_embedding as module
 
     monkeypatch.setattr(module, "class_head", lambda *a, **k: pytest.fail("the head was built again"))
     head = TextClassificationTaskPool(["election_tweets"]).head("election_tweets")
@@ -120,9 +120,9 @@ def test_cached_models_and_heads_survive_reinstalling_the_packages(tmp_path, mon
     moved = shutil.copytree(packaged_minilm(), tmp_path / "other_venv" / "model")  # copytree renews mtimes
     monkeypatch.setattr(pool_module, "packaged_minilm", lambda: moved)
     assert OfflineTextPool(["reuters8"]).checkpoint("reuters8") == pool.checkpoint("reuters8")
-    import fusion_bench.taskpool.text_classification as taskpool_module
+    import fusion_bench.models.sentence_embedding as embedding_module
 
-    monkeypatch.setattr(taskpool_module, "class_head", lambda *a, **k: pytest.fail("the head was built again"))
+    monkeypatch.setattr(embedding_module, "class_head", lambda *a, **k: pytest.fail("the head was built again"))
     TextClassificationTaskPool(["reuters8"], base_model=str(moved)).head("reuters8")
 
 

@@ -25,9 +25,24 @@ class BaseAlgorithm:
     # True where `run` returns PerTaskModels (one model per task): the program then checks, before
     # merging, that the task pool scores each task with its own model and has a model for each.
     makes_per_task_models = False
+    # True where the method computes on a device (methods that learn from data): the program then
+    # sets `fabric` to the run's Lightning Fabric; without one (the Python API) they use
+    # `method_device()`.
+    uses_fabric = False
+    fabric = None
 
     def __init__(self, **kwargs):
         refuse_unknown_keys(self, kwargs, "method")
+
+    def method_device(self) -> torch.device:
+        """Where to compute: the Fabric's device, else CUDA when there is one, else the CPU."""
+        if self.fabric is not None:
+            return self.fabric.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def method_outputs(self) -> dict:
+        """What the last `run` learnt that the report should keep (JSON-able); none by default."""
+        return {}
 
     def check_modelpool(self, modelpool: BaseModelPool) -> None:
         """Raise InputError if the method cannot merge this pool, from its names and configs alone

@@ -1,16 +1,19 @@
 """The model pool: named models, where `_pretrained_` is the base model and the others are tasks."""
 
 import copy
+import hashlib
 import inspect
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from safetensors.torch import save_model as save_safetensors
 from torch import nn
 
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, ModuleStateDict
+from fusion_bench.modelpool.task_data import TaskData
 from fusion_bench.utils.dataset_loading import load_dataset_spec
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
@@ -187,6 +190,31 @@ class BaseModelPool:
 
     def load_test_dataset(self, name: str) -> Any:
         return _load_dataset(self._test_datasets, "test", name)
+
+    def check_task_data(self, split: str, what: str) -> None:
+        """Raise InputError unless `task_data` can serve `split` for every task model, judged from
+        the config alone (the program calls it before any work). `what` names the asking method."""
+        raise InputError(
+            f"{what} learns from data, which {type(self).__name__} does not provide; use a pool that does "
+            "(CLIPVisionModelPool with train_datasets / test_datasets, OfflineTextPool)"
+        )
+
+    def task_data(self, task: str, *, split: str, num_examples: int | None, batch_size: int, seed: int = 0) -> TaskData:
+        """Batches of `num_examples` examples of `task` (None: all), drawn with `seed`, ready for
+        the task models, and the task's head (fusion_bench.modelpool.task_data)."""
+        self.check_task_data(split, "this method")
+        raise NotImplementedError
+
+    def model_fingerprint(self, name: str) -> str:
+        """A hash of model `name`'s tensors (names, dtypes, shapes, bytes), for keys of caches of
+        statistics computed from the model (Fisher diagonals, Gram matrices)."""
+        state_dict = self.state_dict(name)
+        digest = hashlib.sha256()
+        for key in state_dict:
+            tensor = state_dict[key].detach().cpu().contiguous()
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(-1).view(torch.uint8).numpy().data)
+        return digest.hexdigest()[:16]
 
 
 def _load_dataset(datasets: Mapping[str, Any] | None, split: str, name: str) -> Any:

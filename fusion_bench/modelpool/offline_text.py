@@ -6,11 +6,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoTokenizer
+
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.huggingface import AutoModelPool
+from fusion_bench.modelpool.task_data import Batch, Batches, TaskData, check_data_request, check_enough_examples, draw_indices
+from fusion_bench.models.sentence_embedding import cached_class_head
+from fusion_bench.models.task_heads import SentenceEmbeddingHead
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_corpora import data_file
-from fusion_bench.tasks.text_datasets import SPLITS_VERSION
+from fusion_bench.tasks.text_datasets import SPLITS_VERSION, task_splits
 from fusion_bench.training.finetuning import FinetuneRecipe, finetune_text_encoder
 from fusion_bench.utils.cache import build_once, cache_dir, file_digest, fingerprint
 from fusion_bench.utils.errors import InputError
@@ -50,6 +56,34 @@ class OfflineTextPool(AutoModelPool):
         if name in self.model_names:
             self.build([name])
         return super().model_path(name)
+
+    def check_task_data(self, split: str, what: str) -> None:
+        check_data_request(split, None, 1, what)  # every task has train and test splits
+
+    def task_data(self, task: str, *, split: str, num_examples: int | None, batch_size: int, seed: int = 0) -> TaskData:
+        """`split` "train" draws calibration texts from the task's train split (never validation
+        or test); "test" gives its test texts unlabeled. Texts are tokenized as in evaluation
+        (the base encoder's tokenizer, max_length of the fine-tuning recipe) and batched by length;
+        padded positions have attention_mask 0. The head is the task pool's class-name head."""
+        what = f"the {split} data of {task!r}"
+        check_data_request(split, num_examples, batch_size, what)
+        if task not in self.model_names:
+            raise InputError(f"{what}: {task!r} is not a task of this pool; it has {', '.join(self.model_names)}")
+        rows = task_splits(task, self.seed)[split]
+        check_enough_examples(task, split, len(rows), num_examples, "the method")
+        texts, labels = rows["text"], rows["label"]
+        drawn = sorted(draw_indices(len(texts), num_examples, seed), key=lambda i: len(texts[i]))
+        tokenizer = AutoTokenizer.from_pretrained(self.base_model)
+        max_length = self.recipe.max_length
+
+        def make(indices: list[int]) -> Batch:
+            tokens = tokenizer([texts[i] for i in indices], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            given = torch.tensor([labels[i] for i in indices]) if split == "train" else None
+            return Batch({"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}, given)
+
+        head = SentenceEmbeddingHead(cached_class_head(self.base_model, TASKS[task], max_length))
+        key = fingerprint("offline_text", task, split, self.seed, SPLITS_VERSION, self._base_digest, max_length, drawn, batch_size)
+        return TaskData(task, split, Batches(drawn, batch_size, make), head, key)
 
     def prepare(self) -> None:
         """Fine-tune (once) the task models the cache lacks: reported as preparation, not merging."""

@@ -145,6 +145,7 @@ class FusionProgram:
             timing=timing,
             overrides=hydra_overrides(),
             per_task_models=list(merged) if isinstance(merged, PerTaskModels) else None,
+            method_outputs=method.method_outputs() if hasattr(method, "method_outputs") else None,
         )
         if self.report_save_path:
             log.info("report: %s", write_report(report, self.report_save_path))
@@ -166,8 +167,10 @@ class FusionProgram:
                 taskpool.check_modelpool(modelpool)
             if getattr(method, "makes_per_task_models", False):
                 _check_scores_per_task_models(taskpool, modelpool)
-            if getattr(taskpool, "uses_fabric", False):
-                fabric = self._fabric()
+        if getattr(taskpool, "uses_fabric", False) or getattr(method, "uses_fabric", False):
+            fabric = self._fabric()
+        if getattr(method, "uses_fabric", False):
+            method.fabric = fabric
         return method, modelpool, taskpool, fabric
 
     def _check_outputs(self, modelpool: BaseModelPool, taskpool: Any) -> Path | None:

@@ -76,11 +76,13 @@ def build_report(
     overrides: Sequence[str] = (),
     error: BaseException | None = None,
     per_task_models: Sequence[str] | None = None,
+    method_outputs: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A completed run's report, or (with `error`) a failed run's: its settings and why it failed.
 
     per_task_models: the models' names where the method made one model per task (each task then
     scored with its own model); the report records them, and model_info describes one of them.
+    method_outputs: what the method learnt that a reader needs (AdaMerging's λ), JSON-able.
     """
     clashing = [task for task in tasks if task in RESERVED]
     if clashing:
@@ -97,6 +99,7 @@ def build_report(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "tasks": list(tasks),
         "per_task_models": list(per_task_models) if per_task_models is not None else None,
+        "method_outputs": dict(method_outputs or {}),
         "overrides": list(overrides),
         "config": dict(config),
         "models": dict(models),

@@ -17,11 +17,10 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, BertModel
 
 from fusion_bench.modelpool.offline_text import packaged_minilm
-from fusion_bench.models.sentence_embedding import class_head, logits, mean_pooled
+from fusion_bench.models.sentence_embedding import cached_class_head, logits, mean_pooled
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_datasets import task_splits
-from fusion_bench.utils.cache import cache_dir, file_digest, fingerprint, write_atomically
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.progress import progress_bar
 
@@ -60,7 +59,6 @@ class TextClassificationTaskPool(BaseTaskPool):
         self.max_samples = 1 if fast_dev_run else max_samples
         self.batches_per_task = 1 if fast_dev_run else None
         self._heads: dict[str, Tensor] = {}
-        self._base_digest: str | None = None
 
     def prepare(self) -> None:
         """Before merging: the base encoder's folder holds a BERT config and weights."""
@@ -105,19 +103,7 @@ class TextClassificationTaskPool(BaseTaskPool):
     def head(self, task: str) -> Tensor:
         """The task's frozen head from the base encoder, cached on disk by what it is built from."""
         if task not in self._heads:
-            spec = TASKS[task]
-            if self._base_digest is None:
-                self._base_digest = file_digest(self.base_model / "model.safetensors")
-            key = fingerprint(self._base_digest, spec.classes, spec.template, self.max_length)
-            path = cache_dir() / "heads" / f"{task}-{key}.pt"
-            if path.exists():
-                self._heads[task] = torch.load(path)
-            else:
-                encoder = BertModel.from_pretrained(self.base_model)
-                tokenizer = AutoTokenizer.from_pretrained(self.base_model)
-                head = class_head(encoder, tokenizer, list(spec.classes.values()), spec.template, self.max_length)
-                write_atomically(path, lambda temporary: torch.save(head, temporary))
-                self._heads[task] = head
+            self._heads[task] = cached_class_head(self.base_model, TASKS[task], self.max_length)
         return self._heads[task]
 
     def _check_fits(self, model: nn.Module) -> None:

@@ -90,7 +90,11 @@ class ImageBatches(torch.utils.data.Dataset):
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __getitem__(self, batch: int) -> tuple[Tensor, Tensor]:
-        rows = [self.dataset[i] for i in self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]]
+        return self.batch_of(self.indices[batch * self.batch_size : (batch + 1) * self.batch_size])
+
+    def batch_of(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """(uint8 images, labels) of the dataset's rows `indices`."""
+        rows = [self.dataset[i] for i in indices]
         pairs = [(row["image"], row["label"]) if isinstance(row, dict) else row for row in rows]
         images = np.stack([self.transform.to_uint8(image) for image, _ in pairs])
         labels = torch.tensor([int(label) for _, label in pairs], dtype=torch.long)
