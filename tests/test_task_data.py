@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertModel, CLIPVisionModel
 
-from fusion_bench.modelpool import BaseModelPool, CLIPVisionModelPool
+from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.modelpool.offline_text import OfflineTextPool
 from fusion_bench.modelpool.task_data import Batch, draw_indices
 from fusion_bench.models.sentence_embedding import logits as sentence_logits
@@ -16,16 +16,7 @@ from fusion_bench.taskpool.text_classification import TextClassificationTaskPool
 from fusion_bench.tasks.text_datasets import task_splits
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.statistics_cache import cached_statistics
-from tests.clip_fixtures import CLIP_TASKS
-
-
-def clip_pool(world, **datasets) -> CLIPVisionModelPool:
-    models = {"_pretrained_": str(world / "clip"), **{task: str(world / "towers" / task) for task in CLIP_TASKS}}
-    splits = {
-        f"{split}_datasets": {task: {"_target_": "datasets.load_dataset", "path": str(world / "data" / task), "split": split} for task in CLIP_TASKS}
-        for split in ("train", "test")
-    }
-    return CLIPVisionModelPool(models, processor=str(world / "clip"), **{**splits, **datasets})
+from tests.data_fixtures import TinyTextPool, clip_data_pool
 
 
 def test_draws_are_seeded_shuffled_and_nested():
@@ -57,7 +48,7 @@ def test_test_inputs_come_without_labels():
 
 
 def test_clip_batches_give_the_zero_shot_logits(clip_world):
-    pool = clip_pool(clip_world)
+    pool = clip_data_pool(clip_world)
     data = pool.task_data("eurosat", split="train", num_examples=3, batch_size=2, seed=1)
     clip = pool.load_clip_model("_pretrained_").eval()
     tower = CLIPVisionModel.from_pretrained(clip_world / "towers" / "eurosat").eval()
@@ -77,22 +68,22 @@ def test_clip_batches_give_the_zero_shot_logits(clip_world):
 
 
 def test_fingerprints_follow_what_the_data_is_made_of(clip_world):
-    pool = clip_pool(clip_world)
+    pool = clip_data_pool(clip_world)
     key = lambda **kwargs: pool.task_data("mnist", **{"split": "train", "num_examples": 2, "batch_size": 2, "seed": 0, **kwargs}).fingerprint  # noqa: E731
     assert key() == key()
     assert len({key(), key(seed=1), key(num_examples=3), key(batch_size=1), key(split="test")}) == 5
 
 
 def test_pools_without_the_data_say_so(clip_world):
-    pool = clip_pool(clip_world, train_datasets={"mnist": str(clip_world / "data" / "mnist")})
+    pool = clip_data_pool(clip_world, train_datasets={"mnist": str(clip_world / "data" / "mnist")})
     with pytest.raises(InputError, match="train_datasets lacks 'eurosat'; add it under train_datasets"):
         pool.check_task_data("train", "RegMean")
     with pytest.raises(InputError, match="RegMean learns from data, which BaseModelPool does not provide"):
         BaseModelPool({"a": torch.nn.Linear(2, 2)}).check_task_data("train", "RegMean")
     with pytest.raises(InputError, match="asks for 50 train examples of task 'gtsrb', which has 4; ask for at most 4"):
-        clip_pool(clip_world).task_data("gtsrb", split="train", num_examples=50, batch_size=8)
+        clip_data_pool(clip_world).task_data("gtsrb", split="train", num_examples=50, batch_size=8)
     with pytest.raises(InputError, match="split='validation' is unknown"):
-        clip_pool(clip_world).task_data("gtsrb", split="validation", num_examples=2, batch_size=8)
+        clip_data_pool(clip_world).task_data("gtsrb", split="validation", num_examples=2, batch_size=8)
     with pytest.raises(InputError, match="batch_size=0 must be a positive integer"):
         OfflineTextPool(["reuters8"]).task_data("reuters8", split="train", num_examples=2, batch_size=0)
 
@@ -122,3 +113,14 @@ def test_statistics_are_computed_once(tmp_path, monkeypatch):
 def test_batches_move_to_a_device():
     batch = Batch({"x": torch.ones(2, 3)}, torch.zeros(2)).to("cpu")
     assert len(batch) == 2 and batch.inputs["x"].device.type == "cpu"
+
+
+def test_the_tiny_text_pool_serves_padded_batches():
+    from tests.conftest import tiny_bert
+
+    pool = TinyTextPool({"_pretrained_": tiny_bert(0), "alpha": tiny_bert(1)})
+    data = pool.task_data("alpha", split="train", num_examples=8, batch_size=4)
+    batch = data.batches[0]
+    assert batch.inputs["attention_mask"].sum() < batch.inputs["attention_mask"].numel()  # some padding
+    assert data.logits(pool.load_model("alpha"), batch).shape == (4, 3)
+    assert torch.equal(pool.task_data("alpha", split="train", num_examples=8, batch_size=4).batches[1].inputs["input_ids"], data.batches[1].inputs["input_ids"])

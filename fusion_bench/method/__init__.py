@@ -26,6 +26,16 @@ _MODULES = {
     "ConsensusTaskArithmetic": "consensus",
     "ConsensusTiesMerging": "consensus",
     "ModelBreadcrumbs": "breadcrumbs",
+    "FisherMergingAlgorithm": "fisher_merging",
+    "FisherMergingForCLIPVisionModel": "fisher_merging",
+    "RegMeanAlgorithm": "regmean",
+    "RegMeanAlgorithmForCLIP": "regmean",
+    "RegMeanAlgorithmPlusPlus": "regmean_plusplus",
+    "RegMeanAlgorithmForCLIPPlusPlus": "regmean_plusplus",
+    "TaskWiseAdaMergingAlgorithm": "adamerging",
+    "LayerWiseAdaMergingAlgorithm": "adamerging",
+    "CLIPTaskWiseAdaMergingAlgorithm": "adamerging",
+    "CLIPLayerWiseAdaMergingAlgorithm": "adamerging",
 }
 __all__ = list(_MODULES)
 
