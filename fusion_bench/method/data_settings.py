@@ -1,0 +1,53 @@
+"""What methods that learn from data share: their data keys, checked, and batches on a device."""
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fusion_bench.modelpool.task_data import Batch, TaskData
+from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.instantiation import plain
+
+
+@dataclass(frozen=True)
+class DataloaderSettings:
+    """FusionBench's `dataloader_kwargs`: batch_size, and num_workers that build batches in parallel."""
+
+    batch_size: int = 32
+    num_workers: int = 0
+
+    @classmethod
+    def from_kwargs(cls, kwargs: Mapping[str, Any] | None, default_batch_size: int = 32) -> "DataloaderSettings":
+        given = dict(plain(kwargs) or {})
+        unknown = [key for key in given if key not in ("batch_size", "num_workers")]
+        if unknown:
+            raise InputError(f"dataloader_kwargs has an unknown key {unknown[0]!r}; its keys are batch_size and num_workers")
+        settings = cls(given.get("batch_size", default_batch_size), given.get("num_workers", 0))
+        if isinstance(settings.batch_size, bool) or not isinstance(settings.batch_size, int) or settings.batch_size < 1:
+            raise InputError(f"dataloader_kwargs.batch_size={settings.batch_size!r} must be a positive integer")
+        if isinstance(settings.num_workers, bool) or not isinstance(settings.num_workers, int) or settings.num_workers < 0:
+            raise InputError(f"dataloader_kwargs.num_workers={settings.num_workers!r} must be 0 (build batches in this process) or more")
+        return settings
+
+
+def check_num_examples(value: Any, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{key}={value!r} must be a positive number of examples, e.g. {key}=256")
+    return value
+
+
+def check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"seed={value!r} must be an integer: it chooses which examples are drawn")
+    return value
+
+
+def device_batches(data: TaskData, settings: DataloaderSettings, device: torch.device) -> Iterator[Batch]:
+    """The task's batches in order, built in `settings.num_workers` workers, moved to `device`."""
+    workers = min(settings.num_workers, len(data.batches))
+    loader = DataLoader(data.batches, batch_size=None, num_workers=workers, pin_memory=device.type == "cuda")
+    for batch in loader:
+        yield Batch(*batch).to(device)
