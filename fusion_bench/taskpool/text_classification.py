@@ -68,10 +68,10 @@ class TextClassificationTaskPool(BaseTaskPool):
     def local_paths(self) -> dict[str, Path]:
         return {"the task pool's base_model": self.base_model}
 
-    @torch.no_grad()
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    @torch.no_grad()
     def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         self._check_fits(model)
         tokenizer = AutoTokenizer.from_pretrained(self.base_model)

@@ -134,10 +134,10 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         specs = {"base_model": self._clip_spec, "processor": self._processor_spec, "data_processor": self._data_processor_spec, "test_datasets": self._test_datasets}
         return {f"the task pool's {where}": path for key, spec in specs.items() for where, path in local_paths_in(spec, key).items()}
 
-    @torch.no_grad()
     def task_names(self) -> list[str]:
         return list(self.tasks)
 
+    @torch.no_grad()
     def evaluate_tasks(self, model: nn.Module, fabric: Any = None, tasks: Sequence[str] | None = None) -> TaskMetrics:
         clip = self._load_clip()
         check_tower_fits(getattr(model, "config", None), clip.config.vision_config, self._base_name)
