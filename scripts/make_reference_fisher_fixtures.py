@@ -16,6 +16,8 @@ case and writes tests/data/reference_fisher.safetensors:
     output/<case>/<key>   the merged vision tower's weights
     fisher/<task>/<key>   each task model's Fisher weights (get_fisher_weights)
     head/<task>           the zero-shot head (class text embeddings) it used
+    pixels/<task>, labels/<task>, logits/<task>   the train batch as its processor prepared it, and
+                          the task model's logits on it
 
 with the cases in the metadata. Keys are the reference's (transformers 4.x: `vision_model.` before
 the names transformers 5 gives, which is why the exclusion patterns start with `.*`). num_fisher_examples = batch_size = TRAIN_IMAGES: one batch covers
@@ -77,7 +79,12 @@ def build_world() -> None:
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8),
         projection_dim=16,
     )  # fmt: skip
-    CLIPModel(config).save_pretrained(WORLD / "clip")
+    clip = CLIPModel(config)
+    # trained CLIPs have logit scale 100: with the initial 14.3 this random CLIP's predictions are
+    # nearly uniform, where the reference's objective Σ_y √p_y log p_y has a gradient near 0 made of
+    # cancelling terms, and rounding differences between the two versions would dominate it
+    clip.logit_scale.data.fill_(float(np.log(100.0)))
+    clip.save_pretrained(WORLD / "clip")
     image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(WORLD / "clip")
     generator = torch.Generator().manual_seed(1)
@@ -133,9 +140,16 @@ def main():
     pool = make_pool()
     method.modelpool = pool
     method.on_fisher_merging_start()
+    from fusion_bench.dataset import CLIPDataset
+    from torch.utils.data import DataLoader
+
     for task in TASKS:
         tensors[f"head/{task}"] = method.zeroshot_weights[task].detach().clone().contiguous()
+        images = CLIPDataset(pool.load_train_dataset(task), method.clip_processor)
+        tensors[f"pixels/{task}"], tensors[f"labels/{task}"] = next(iter(DataLoader(images, batch_size=TRAIN_IMAGES)))
         model = pool.load_model(task)
+        with torch.no_grad():
+            tensors[f"logits/{task}"] = method.compute_logits(model, (tensors[f"pixels/{task}"], None), task).contiguous()
         names = [name for name, _ in model.named_parameters()]
         for key, value in method.get_fisher_weights(task, model, pool.load_train_dataset(task), names).items():
             tensors[f"fisher/{task}/{key}"] = value.detach().clone().contiguous()

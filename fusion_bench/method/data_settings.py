@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -10,6 +11,10 @@ from torch.utils.data import DataLoader
 from fusion_bench.modelpool.task_data import Batch, TaskData
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
+
+# FusionBench's dataloader_kwargs defaults, as a constructor default (read-only); reports compare
+# a config's value to it, so a config that repeats it is not marked as changed.
+DATALOADER_DEFAULTS = MappingProxyType({"batch_size": 32, "num_workers": 0})
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch.func import functional_call
 from fusion_bench.merging.fisher import ESTIMATES, PER_EXAMPLE, add_fisher_terms, fisher_coefficients, fisher_weighted_average, merged_fisher_norms
 from fusion_bench.merging.streaming import progress
 from fusion_bench.method.base import BaseAlgorithm, merge_inputs, output_model
-from fusion_bench.method.data_settings import DataloaderSettings, check_num_examples, check_seed, device_batches
+from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_seed, device_batches
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import Batch, TaskData
@@ -45,7 +45,7 @@ class FisherMergingAlgorithm(BaseAlgorithm):
         normalize_fisher_weight: bool = True,
         minimal_fisher_weight: float = 1e-6,
         num_fisher_examples: int = 256,
-        dataloader_kwargs: Mapping | None = None,
+        dataloader_kwargs: Mapping | None = DATALOADER_DEFAULTS,
         seed: int = 0,
         fisher_estimate: str = "empirical",
         **kwargs,
@@ -79,6 +79,13 @@ class FisherMergingAlgorithm(BaseAlgorithm):
         pool = as_modelpool(modelpool)
         self.check_modelpool(pool)
         inputs = merge_inputs(pool, method=METHOD, need_pretrained=True)
+        names = [name for key in inputs.pretrained for name in inputs.pretrained.aliases(key)]
+        for pattern in self.exclude_param_names_regex:
+            if not any(re.match(pattern, name) for name in names):
+                raise InputError(
+                    f"exclude_param_names_regex has {pattern!r}, which matches no tensor of model {PRETRAINED!r} (re.match, from the start of "
+                    f"names such as {names[0]!r}); fix the pattern"
+                )
         keys = [key for key in inputs.keys if not self.excluded(inputs.pretrained.aliases(key))]
         if not keys:
             raise InputError(f"exclude_param_names_regex {self.exclude_param_names_regex} excludes every tensor, so nothing is merged; narrow it")

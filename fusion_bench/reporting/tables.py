@@ -40,6 +40,16 @@ SHORT_NAMES = {
     "ConsensusTaskArithmetic": "Consensus TA",
     "ConsensusTiesMerging": "Consensus TIES",
     "ModelBreadcrumbs": "Breadcrumbs",
+    "FisherMergingAlgorithm": "Fisher merging",
+    "FisherMergingForCLIPVisionModel": "Fisher merging",
+    "RegMeanAlgorithm": "RegMean",
+    "RegMeanAlgorithmForCLIP": "RegMean",
+    "RegMeanAlgorithmPlusPlus": "RegMean++",
+    "RegMeanAlgorithmForCLIPPlusPlus": "RegMean++",
+    "TaskWiseAdaMergingAlgorithm": "AdaMerging (task-wise)",
+    "CLIPTaskWiseAdaMergingAlgorithm": "AdaMerging (task-wise)",
+    "LayerWiseAdaMergingAlgorithm": "AdaMerging (layer-wise)",
+    "CLIPLayerWiseAdaMergingAlgorithm": "AdaMerging (layer-wise)",
 }
 # The key a method scales its merged task vector by, the λ that sweeps choose (TSV-M calls it alpha).
 LAMBDA_KEYS = ("scaling_factor", "alpha")
