@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from fusion_bench.merging.regmean import GramSum, Solution, regmean_merge, token_rows
 from fusion_bench.method.base import BaseAlgorithm, MergeInputs, merge_inputs, output_model
-from fusion_bench.method.data_settings import DataloaderSettings, check_num_examples, check_seed, device_batches
+from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_seed, device_batches
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import TaskData
@@ -96,10 +96,10 @@ class RegMeanAlgorithm(BaseAlgorithm):
     def __init__(
         self,
         num_regmean_examples: int = 256,
-        exclude_param_names_regex: Sequence[str] | None = None,
+        exclude_param_names_regex: Sequence[str] = (),
         reduce_non_diagonal_ratio: float = 0.95,
         weight_transpose: bool = True,
-        dataloader_kwargs: Mapping[str, Any] | None = None,
+        dataloader_kwargs: Mapping[str, Any] | None = DATALOADER_DEFAULTS,
         seed: int = 0,
     ):
         self.num_regmean_examples = check_num_examples(num_regmean_examples, "num_regmean_examples")

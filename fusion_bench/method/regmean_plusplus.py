@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fusion_bench.merging.regmean import RegMeanAccumulator
-from fusion_bench.method.base import output_model
+from fusion_bench.method.base import MergeInputs, output_model
 from fusion_bench.method.data_settings import device_batches
 from fusion_bench.method.regmean import GramRecorder, RegMeanAlgorithm, linear_modules, mean_tensor
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
@@ -99,6 +99,7 @@ class RegMeanAlgorithmPlusPlus(RegMeanAlgorithm):
         device = self.method_device()
         tasks = pool.model_names
         keys = [key for key in inputs.keys if key not in excluded]
+        merge_keys = set(keys)
         merged = output_model(pool, PRETRAINED, keys).to(device).eval()
         layers_name, layers = model_layers(merged)
         target = merged.state_dict()
@@ -128,7 +129,7 @@ class RegMeanAlgorithmPlusPlus(RegMeanAlgorithm):
                     grams = recorder.close()
                 for module, gram in grams.items():
                     weight = parameters.get(f"{module}.weight")
-                    if weight is not None and names.get(f"{prefix}{module}.weight") in keys:
+                    if weight is not None and names.get(f"{prefix}{module}.weight") in merge_keys:
                         accumulators.setdefault(module, RegMeanAccumulator(self.reduce_non_diagonal_ratio, self.weight_transpose)).add(gram, weight)
                 del parameters
             self.merge_layer(prefix, keys, target, inputs, accumulators, tasks)
@@ -137,7 +138,7 @@ class RegMeanAlgorithmPlusPlus(RegMeanAlgorithm):
                     states[task] = [call.with_hidden(layer_output(layer, call)) for call in states[task]]
         return merged.to("cpu")
 
-    def merge_layer(self, prefix: str, keys: list[str], target: dict[str, Tensor], inputs, accumulators: dict[str, RegMeanAccumulator], tasks: list[str]) -> None:
+    def merge_layer(self, prefix: str, keys: list[str], target: dict[str, Tensor], inputs: MergeInputs, accumulators: dict[str, RegMeanAccumulator], tasks: list[str]) -> None:
         """Write layer `prefix`'s merged tensors: RegMean where every task gave a Gram, else the mean."""
         for key in (key for key in keys if key.startswith(prefix)):
             accumulator = accumulators.get(key[len(prefix) :].removesuffix(".weight")) if key.endswith(".weight") else None
