@@ -31,10 +31,8 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from fusion_bench.method.adamerging.clip_layer_wise_adamerging import CLIPLayerWiseAdaMergingAlgorithm
-from fusion_bench.method.adamerging.clip_task_wise_adamerging import CLIPTaskWiseAdaMergingAlgorithm
+from fusion_bench.method import CLIPLayerWiseAdaMergingAlgorithm, CLIPTaskWiseAdaMergingAlgorithm
 from fusion_bench.modelpool import BaseModelPool
-from fusion_bench.utils.data import InfiniteDataLoader
 
 OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "reference_adamerging.safetensors"
 TASKS = ("t0", "t1", "t2")
@@ -47,6 +45,12 @@ CASES = [
     ("layer_wise", {"lr": 0.05, "init_values": 0.98, "clamp_weights": True}),
 ]
 STEPS = 5
+
+
+def endless(loader):
+    """The loader's batches, a fresh shuffle each pass (the reference's InfiniteDataLoader)."""
+    while True:
+        yield from loader
 
 
 def given_head_and_data(cls, data, head):
@@ -63,7 +67,7 @@ def given_head_and_data(cls, data, head):
             if task not in self._loaders:
                 images = data[task]
                 dataset = TensorDataset(images, torch.zeros(len(images), dtype=torch.long))
-                self._loaders[task] = iter(InfiniteDataLoader(DataLoader(dataset, batch_size=IMAGES, shuffle=True)))
+                self._loaders[task] = endless(DataLoader(dataset, batch_size=IMAGES, shuffle=True))
             return self._loaders[task]
 
         def log_hyperparams(self, *args, **kwargs):  # needs a logger; logging only

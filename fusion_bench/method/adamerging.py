@@ -44,11 +44,6 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
     layer_wise = False
     fusionbench_name = "clip_task_wise_adamerging"
 
-    def __new__(cls, *algorithm_config: Any, **keys: Any):
-        if len(algorithm_config) > 1 or (algorithm_config and keys):
-            raise InputError(f"{cls.__name__} takes its keys either as one config (FusionBench's algorithm_config) or by name, not both")
-        return super().__new__(cls)
-
     def __init__(
         self,
         *algorithm_config: Any,
@@ -71,6 +66,10 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
         task_vector_dtype: str | None = None,
     ):
         if algorithm_config:  # FusionBench's classes take one DictConfig
+            parameters = inspect.signature(type(self).__init__).parameters
+            given = locals()
+            if len(algorithm_config) > 1 or any(given[key] is not p.default for key, p in parameters.items() if p.kind is p.KEYWORD_ONLY):
+                raise InputError(f"{type(self).__name__} takes its keys either as one config (FusionBench's algorithm_config) or by name, not both")
             self.__init__(**_config_keys(type(self), algorithm_config[0]))
             return
         if name is not None and name != self.fusionbench_name:
@@ -111,7 +110,7 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
             modelpool.check_task_data("test", "AdaMerging")
         if self.weights is not None and self.weights.shape[0] != len(modelpool.model_names):
             raise InputError(f"weights holds {self.weights.shape[0]} rows, one per task model, but the pool has {len(modelpool.model_names)} task models")
-        if self.save_merging_weights:
+        if self.save_merging_weights and self.weights is None:  # given weights are not saved again, as in FusionBench
             target = self.merging_weights_path()
             if target.exists() or target.is_symlink():
                 raise InputError(f"save_merging_weights={self.save_merging_weights}: {target} exists and this run did not write it; move it or give another path")
@@ -134,6 +133,8 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
         inputs = merge_inputs(pool, method="AdaMerging", need_pretrained=True)
         self.tasks = list(pool.model_names)
         model = pool.load_model_copy(PRETRAINED).requires_grad_(False)
+        training = model.training
+        model.eval()  # FusionBench adapts in train mode: dropout on where the model has it (CLIP has none)
         self.names = [name for name, tensor in model.named_parameters() if tensor.is_floating_point()]
         weights = self._start_weights()
         adapting = self.weights is None and self.steps > 0
@@ -153,10 +154,10 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
                 if name in task_vectors:
                     tensor.copy_(merged[name])
         del task_vectors, merged
-        if self.save_merging_weights:
+        if self.save_merging_weights and self.weights is None:
             path = write_atomically(self.merging_weights_path(), lambda temporary: torch.save(self.learned.clone(), temporary))
             log.info("AdaMerging: merging weights saved to %s", path)
-        return model.cpu()
+        return model.train(training).cpu()
 
     def method_outputs(self) -> dict:
         if self.learned is None:
@@ -186,14 +187,18 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
         return self.weights.clone()
 
     def _task_vectors(self, inputs, pretrained: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """[T, *shape] per parameter some task changes, read one tensor of each model at a time."""
+        """[T, *shape] per parameter some task changes, read one tensor of each model at a time. A
+        parameter no task changes (all τ zero, e.g. frozen embeddings) is left out: its λ has no
+        gradient and no effect, and it then needs no gradient of its own."""
         keys = {alias: key for key in inputs.pretrained for alias in inputs.pretrained.aliases(key)}
         changed = set(inputs.keys)
-        return {
-            name: stack_task_vectors(pretrained[name], [inputs.finetuned[task][keys[name]] for task in self.tasks], self.task_vector_dtype)
-            for name in self.names
-            if keys.get(name) in changed
-        }
+        task_vectors = {}
+        for name in self.names:
+            if keys.get(name) in changed:
+                stack = stack_task_vectors(pretrained[name], [inputs.finetuned[task][keys[name]] for task in self.tasks], self.task_vector_dtype)
+                if stack.any():
+                    task_vectors[name] = stack
+        return task_vectors
 
     def _adapt(self, model, pretrained, task_vectors, data: dict[str, TaskData], weights: torch.Tensor) -> torch.Tensor:
         device = weights.device
@@ -253,10 +258,13 @@ def clip_adamerging(name: str = "clip_layer_wise_adamerging", **keys: Any) -> Ta
     return cls(**_config_keys(cls, {"name": name, **keys}))
 
 
+clip_adamerging.selects = CLIP_ADAMERGING  # for reports: the class each `name` builds
+
+
 class StepBatches(Dataset):
-    """Item s: each task's batch for step s. A task's batches go through its test inputs in the
-    pool's seeded order, then through a fresh seeded shuffle of them on each later pass, as
-    FusionBench's shuffled, endlessly repeated loaders do."""
+    """Item s: each task's batch for step s. A task's batches go through its test inputs in a
+    seeded shuffle, a fresh one on each pass, as FusionBench's shuffled, endlessly repeated loaders
+    do (pools may hand out their inputs in an order of their own, e.g. by length)."""
 
     def __init__(self, data: Mapping[str, TaskData], steps: int, seed: int):
         self.batches = {task: d.batches for task, d in data.items()}
@@ -270,13 +278,11 @@ class StepBatches(Dataset):
         return {task: self._pass(task, step // len(batches))[step % len(batches)] for task, batches in self.batches.items()}
 
     def _pass(self, task: str, number: int) -> Batches:
-        first = self.batches[task]
-        if number == 0:
-            return first
         if (task, number) not in self._passes:
+            given = self.batches[task]
             self._passes = {key: value for key, value in self._passes.items() if key[0] != task}  # one pass per task kept
-            order = draw_indices(len(first.indices), None, int(fingerprint(self.seed, task, number), 16))
-            self._passes[task, number] = Batches([first.indices[i] for i in order], first.batch_size, first.make)
+            order = draw_indices(len(given.indices), None, int(fingerprint(self.seed, task, number), 16))
+            self._passes[task, number] = Batches([given.indices[i] for i in order], given.batch_size, given.make)
         return self._passes[task, number]
 
 

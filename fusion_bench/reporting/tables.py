@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hydra.utils import get_class
+from hydra.utils import get_object
 
 from fusion_bench.reporting.report import failed, meta, read_report, task_metrics
 from fusion_bench.utils.errors import InputError, first_line
@@ -51,6 +51,8 @@ SHORT_NAMES = {
     "LayerWiseAdaMergingAlgorithm": "AdaMerging (layer-wise)",
     "CLIPLayerWiseAdaMergingAlgorithm": "AdaMerging (layer-wise)",
 }
+# Keys that say where outputs go or how work is spread, not what is computed: rows never show them.
+NOT_RESULTS = ("fast_dev_run", "save_merging_weights", "num_workers", "devices", "cache_dir")
 # The key a method scales its merged task vector by, the λ that sweeps choose (TSV-M calls it alpha).
 LAMBDA_KEYS = ("scaling_factor", "alpha")
 ZERO_SHOT, INDIVIDUAL = "Pretrained (zero-shot)", "Fine-tuned (individual)"
@@ -149,11 +151,17 @@ def describe_method(method: dict) -> tuple[str, float | None]:
     if class_name == "DummyAlgorithm":
         return ZERO_SHOT, None
     try:
-        defaults = {name: p.default for name, p in inspect.signature(get_class(method["_target_"])).parameters.items()}
+        target = get_object(method["_target_"])
+        # a factory that picks its class by a key (adamerging/clip's `name`, as FusionBench's) names that class
+        selector = "name" if method.get("name") in getattr(target, "selects", {}) else None
+        target = target.selects[method["name"]] if selector else target
+        class_name = target.__name__
+        defaults = {name: p.default for name, p in inspect.signature(target).parameters.items()}
     except Exception:  # a method not installed here: show every parameter
-        defaults = {}
+        defaults, selector = {}, None
     scale = next((key for key in LAMBDA_KEYS if isinstance(method.get(key), (int, float)) and not isinstance(method.get(key), bool)), None)
-    changed = [f"{k}={_format(v)}" for k, v in method.items() if not k.startswith("_") and k != scale and _differs(v, defaults.get(k, inspect.Parameter.empty))]
+    shown = [key for key in method if not key.startswith("_") and key != scale and key not in NOT_RESULTS and key != selector]
+    changed = [f"{k}={_format(method[k])}" for k in shown if _differs(method[k], defaults.get(k, inspect.Parameter.empty))]
     name = SHORT_NAMES.get(class_name, class_name)
     return (f"{name} ({', '.join(changed)})" if changed else name), method.get(scale) if scale else None
 
