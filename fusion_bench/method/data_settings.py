@@ -1,6 +1,7 @@
 """What methods that learn from data share: their data keys, checked, and batches on a device."""
 
-from collections.abc import Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -8,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from fusion_bench.modelpool.base import PRETRAINED
+from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import Batch, TaskData
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
@@ -48,6 +51,34 @@ def check_seed(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"seed={value!r} must be an integer: it chooses which examples are drawn")
     return value
+
+
+def check_param_regexes(patterns: Any) -> list[str]:
+    """FusionBench's exclude_param_names_regex: a list of regular expressions."""
+    patterns = plain(patterns)
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        raise InputError(f"exclude_param_names_regex must be a list of regular expressions, got the string {patterns!r}; write [{patterns!r}]")
+    if not isinstance(patterns, Sequence) or not all(isinstance(pattern, str) for pattern in patterns):
+        raise InputError(f"exclude_param_names_regex={patterns!r} must be a list of regular expressions, e.g. ['.*layer_norm.*']")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise InputError(f"exclude_param_names_regex has {pattern!r}, which is not a regular expression: {error}") from None
+    return list(patterns)
+
+
+def excluded_keys(pretrained: LazyStateDict, patterns: Sequence[str]) -> set[str]:
+    """Keys any of whose names a pattern matches (re.match, as FusionBench); each pattern must match one."""
+    excluded = set()
+    for pattern in patterns:
+        matched = {key for key in pretrained for alias in pretrained.aliases(key) if re.match(pattern, alias)}
+        if not matched:
+            raise InputError(f"exclude_param_names_regex has {pattern!r}, which matches no parameter of {PRETRAINED!r} (re.match: from the name's start)")
+        excluded |= matched
+    return excluded
 
 
 def device_batches(data: TaskData, settings: DataloaderSettings, device: torch.device) -> Iterator[Batch]:

@@ -8,7 +8,6 @@ then streams key by key from the cached files. docs/methods/fisher_merging.md.
 
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -18,12 +17,11 @@ from torch.func import functional_call
 from fusion_bench.merging.fisher import ESTIMATES, PER_EXAMPLE, add_fisher_terms, fisher_coefficients, fisher_weighted_average, merged_fisher_norms
 from fusion_bench.merging.streaming import progress
 from fusion_bench.method.base import BaseAlgorithm, merge_inputs, output_model
-from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_seed, device_batches
+from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_param_regexes, check_seed, device_batches, excluded_keys
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import Batch, TaskData
 from fusion_bench.utils.errors import InputError
-from fusion_bench.utils.instantiation import plain
 from fusion_bench.utils.progress import progress_bar
 from fusion_bench.utils.statistics_cache import cached_statistics
 
@@ -51,7 +49,7 @@ class FisherMergingAlgorithm(BaseAlgorithm):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.exclude_param_names_regex = _check_patterns(exclude_param_names_regex)
+        self.exclude_param_names_regex = check_param_regexes(exclude_param_names_regex)
         if not isinstance(normalize_fisher_weight, bool):
             raise InputError(f"normalize_fisher_weight={normalize_fisher_weight!r} must be true or false")
         self.normalize_fisher_weight = normalize_fisher_weight
@@ -79,14 +77,8 @@ class FisherMergingAlgorithm(BaseAlgorithm):
         pool = as_modelpool(modelpool)
         self.check_modelpool(pool)
         inputs = merge_inputs(pool, method=METHOD, need_pretrained=True)
-        names = [name for key in inputs.pretrained for name in inputs.pretrained.aliases(key)]
-        for pattern in self.exclude_param_names_regex:
-            if not any(re.match(pattern, name) for name in names):
-                raise InputError(
-                    f"exclude_param_names_regex has {pattern!r}, which matches no tensor of model {PRETRAINED!r} (re.match, from the start of "
-                    f"names such as {names[0]!r}); fix the pattern"
-                )
-        keys = [key for key in inputs.keys if not self.excluded(inputs.pretrained.aliases(key))]
+        excluded = excluded_keys(inputs.pretrained, self.exclude_param_names_regex)
+        keys = [key for key in inputs.keys if key not in excluded]
         if not keys:
             raise InputError(f"exclude_param_names_regex {self.exclude_param_names_regex} excludes every tensor, so nothing is merged; narrow it")
         # every task's data first: a task with too few examples fails before any Fisher is computed
@@ -107,10 +99,6 @@ class FisherMergingAlgorithm(BaseAlgorithm):
             "fisher_coefficients": dict(zip(pool.model_names, coefficients.tolist())),
         }
         return merged
-
-    def excluded(self, names: Sequence[str]) -> bool:
-        """A tensor is excluded when any of its state-dict names matches a pattern (re.match)."""
-        return any(re.match(pattern, name) for pattern in self.exclude_param_names_regex for name in names)
 
     def task_fisher(self, pool: BaseModelPool, task: str, data: TaskData) -> LazyStateDict:
         """Task model `task`'s Fisher diagonal of every floating parameter, from the cache when the
@@ -175,17 +163,3 @@ class _FisherOf(Mapping):
 
     def __len__(self) -> int:
         return len(self.reference)
-
-
-def _check_patterns(patterns) -> list[str]:
-    patterns = plain(patterns)
-    if patterns is None:
-        return []
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) for pattern in patterns):
-        raise InputError(f"exclude_param_names_regex must be a list of regular expressions, got {patterns!r}; e.g. ['.*bias']")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise InputError(f"exclude_param_names_regex has {pattern!r}, which is not a regular expression ({error})") from None
-    return list(patterns)

@@ -6,7 +6,6 @@ weights, the examples drawn and the rule they are computed by; the merge then st
 """
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,9 +14,8 @@ from torch import Tensor, nn
 
 from fusion_bench.merging.regmean import GramSum, Solution, regmean_merge, token_rows
 from fusion_bench.method.base import BaseAlgorithm, MergeInputs, merge_inputs, output_model
-from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_seed, device_batches
+from fusion_bench.method.data_settings import DATALOADER_DEFAULTS, DataloaderSettings, check_num_examples, check_param_regexes, check_seed, device_batches, excluded_keys
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
-from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import TaskData
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.progress import progress_bar
@@ -66,21 +64,6 @@ def check_ratio(value: Any) -> float:
     return float(value)
 
 
-def check_regexes(patterns: Any) -> list[str]:
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        raise InputError(f"exclude_param_names_regex must be a list of regular expressions, got the string {patterns!r}; write [{patterns!r}]")
-    if not isinstance(patterns, Sequence) or not all(isinstance(pattern, str) for pattern in patterns):
-        raise InputError(f"exclude_param_names_regex={patterns!r} must be a list of regular expressions, e.g. ['.*layer_norm.*']")
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            raise InputError(f"exclude_param_names_regex has {pattern!r}, which is not a regular expression: {error}") from None
-    return list(patterns)
-
-
 class RegMeanAlgorithm(BaseAlgorithm):
     """For every nn.Linear weight, Wᵀ = (Σ_t G'_t)⁻¹ Σ_t G'_t W_tᵀ, G_t the mean Gram of that
     layer's inputs in task t's model on its own task's train examples, G'_t with off-diagonals
@@ -103,7 +86,7 @@ class RegMeanAlgorithm(BaseAlgorithm):
         seed: int = 0,
     ):
         self.num_regmean_examples = check_num_examples(num_regmean_examples, "num_regmean_examples")
-        self.exclude_param_names_regex = check_regexes(exclude_param_names_regex)
+        self.exclude_param_names_regex = check_param_regexes(exclude_param_names_regex)
         self.reduce_non_diagonal_ratio = check_ratio(reduce_non_diagonal_ratio)
         if weight_transpose is not True:
             raise InputError(
@@ -164,17 +147,6 @@ class RegMeanAlgorithm(BaseAlgorithm):
 
 class RegMeanAlgorithmForCLIP(RegMeanAlgorithm):
     """RegMean on a CLIPVisionModelPool with train_datasets (FusionBench's class and keys)."""
-
-
-def excluded_keys(pretrained: LazyStateDict, patterns: Sequence[str]) -> set[str]:
-    """Keys any of whose names a pattern matches (re.match, as FusionBench); each pattern must match one."""
-    excluded = set()
-    for pattern in patterns:
-        matched = {key for key in pretrained for alias in pretrained.aliases(key) if re.match(pattern, alias)}
-        if not matched:
-            raise InputError(f"exclude_param_names_regex has {pattern!r}, which matches no parameter of {PRETRAINED!r} (re.match: from the name's start)")
-        excluded |= matched
-    return excluded
 
 
 def mean_tensor(inputs: MergeInputs, key: str) -> Tensor:
