@@ -140,6 +140,12 @@ CASES = [
     ("iso-cts-common-space-0", ["method=isotropic_merging/iso_cts", "method.common_space_fraction=0"], "common_space_fraction=0 must be a number in (0, 1]"),
     ("tsv-alpha-nan", ["method=task_singular_vector/TaskSingularVectorMerging", "method.alpha=nan"], "alpha=nan must be a finite number"),
     ("weights-one-per-model", ["method=linear/weighted_average"], "weights lists 2 numbers but the pool has 3 task models (alpha, beta, gamma)"),
+    ("regmean-without-data", ["method=regmean/regmean"], "RegMean learns from data, which AutoModelPool does not provide"),
+    ("fisher-without-data", ["method=fisher_merging/fisher_merging"], "Fisher merging learns from data, which AutoModelPool does not provide"),
+    ("adamerging-without-data", ["method=adamerging/layer_wise"], "AdaMerging learns from data, which AutoModelPool does not provide"),
+    ("regmean-ratio-above-1", ["method=regmean/regmean", "method.reduce_non_diagonal_ratio=1.5"], "reduce_non_diagonal_ratio=1.5"),
+    ("fisher-estimate-unknown", ["method=fisher_merging/fisher_merging", "method.fisher_estimate=true_fisher"], "fisher_estimate='true_fisher' is unknown"),
+    ("adamerging-steps-negative", ["method=adamerging/layer_wise", "method.max_steps=-1"], "max_steps=-1"),
     # config keys and names
     ("key-not-in-the-config", ["method.foo=1"], "method.foo: the method config has no key 'foo'; its keys are: scaling_factor, threshold"),
     ("key-not-taken-by-the-class", ["+method.foo=1"], "unknown key 'foo' for fusion_bench.method.TiesMergingAlgorithm; its keys are: scaling_factor"),

@@ -68,6 +68,18 @@ def test_multirun_writes_one_report_per_run(workdir):
     assert len(seen) == 4
 
 
+def test_a_sweep_over_methods_says_how_to_set_a_key_of_theirs(workdir):
+    """Hydra checks a multirun's plain overrides against the group's default config (ties_merging,
+    which has no iter_num): the line says to write ++, which sets the key in every swept config."""
+    sweep = workdir / "sweep"
+    args = base_args(workdir, "method=wudi/wudi,dummy", f"hydra.sweep.dir={sweep}", "dry_run=true")
+    result = run_cli("--multirun", *args, "method.iter_num=1", cwd=workdir, check=False)
+    assert result.returncode == 2
+    assert "method.iter_num: a --multirun over several method configs checks keys against the default one; write ++method.iter_num=..." in result.stderr
+    swept = base_args(workdir, "method=dare/task_arithmetic,dare/ties_merging", f"hydra.sweep.dir={sweep}", "dry_run=true")
+    assert run_cli("--multirun", *swept, "++method.sparsity_ratio=0.3", cwd=workdir).returncode == 0
+
+
 def test_help_and_cfg(workdir):
     help_text = run_cli("--help", cwd=workdir).stdout
     for group in ("method", "modelpool", "taskpool", "fabric"):

@@ -135,8 +135,18 @@ def _composition_message(error: ConfigCompositionException) -> str:
     if key and node is not None and "not in struct" in str(cause):
         group, _, name = str(key).rpartition(".")
         keys = ", ".join(k for k in node if not str(k).startswith("_")) or "none"
+        if group and _sweeps_group(group.split(".")[0]):
+            # Hydra checks a multirun's other overrides against the group's default config
+            return f"{key}: a --multirun over several {group.split('.')[0]} configs checks keys against the default one; write ++{key}=... to set it in every swept config"
         return f"{key}: the {group or 'root'} config has no key {name!r}; its keys are: {keys}; to add a key the class takes, write +{key}=..."
     return first_line(error)
+
+
+def _sweeps_group(group: str, argv: list[str] | None = None) -> bool:
+    """Whether the command line is a multirun with several choices for config group `group`."""
+    argv = sys.argv[1:] if argv is None else argv
+    multirun = any(arg in ("--multirun", "-m") for arg in argv)
+    return multirun and any(arg.startswith(f"{group}=") and "," in arg for arg in argv)
 
 
 if __name__ == "__main__":
