@@ -150,7 +150,7 @@ CASES = [
     ("key-not-in-the-config", ["method.foo=1"], "method.foo: the method config has no key 'foo'; its keys are: scaling_factor, threshold"),
     ("key-not-taken-by-the-class", ["+method.foo=1"], "unknown key 'foo' for fusion_bench.method.TiesMergingAlgorithm; its keys are: scaling_factor"),
     ("key-for-a-class-without-keys", ["method=simple_average", "+method.foo=1"], "unknown key 'foo' for SimpleAverageAlgorithm; it takes no keys"),
-    ("method-unknown", ["method=nope"], "method=nope is not a config; the choices are: breadcrumbs/task_arithmetic, consensus/task_arithmetic, consensus/ties_merging, dare/simple_average"),
+    ("method-unknown", ["method=nope"], "method=nope is not a config; the choices are: adamerging/clip, adamerging/clip_task_wise, adamerging/layer_wise, adamerging/task_wise, breadcrumbs/task_arithmetic"),
     ("modelpool-unknown", ["modelpool=nope"], "modelpool=nope is not a config; the choices are: CLIPVisionModelPool/"),
     ("taskpool-unknown", ["taskpool=nope"], "taskpool=nope is not a config; the choices are: CLIPVisionModelTaskPool/clip-vit-classification_TA8,"),
     ("override-unparsable", ["method.threshold=[1"], "cannot parse the override"),
