@@ -98,7 +98,8 @@ class CLIPVisionModelPool(AutoModelPool):
         dataset = self.load_train_dataset(task) if split == "train" else self.load_test_dataset(task)
         check_enough_examples(task, split, len(dataset), num_examples, "the method")
         drawn = draw_indices(len(dataset), num_examples, seed)
-        transform = CLIPImageTransform(getattr(self.load_processor(), "image_processor", self.load_processor()))
+        processor = self.load_processor()  # read from disk on each call: once here
+        transform = CLIPImageTransform(getattr(processor, "image_processor", processor))
         images = ImageBatches(dataset, drawn, batch_size, transform)
 
         def make(indices: list[int]) -> Batch:
@@ -111,7 +112,7 @@ class CLIPVisionModelPool(AutoModelPool):
         key = head_key(digest, classes)
         class_embeddings = head_cache.load(key)
         if class_embeddings is None:
-            class_embeddings = compute_head(clip, self.load_processor().tokenizer, classes, torch.device("cpu"), description=task)
+            class_embeddings = compute_head(clip, processor.tokenizer, classes, torch.device("cpu"), description=task)
             head_cache.save(key, class_embeddings, {"task": task})
         head = CLIPZeroShotHead(copy.deepcopy(clip.visual_projection), float(clip.logit_scale.exp()), class_embeddings)
         source = getattr(dataset, "_fingerprint", None) or dataset_source((self._train_datasets if split == "train" else self._test_datasets)[task])
