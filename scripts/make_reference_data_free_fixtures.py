@@ -20,10 +20,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fusion_bench.method import (
-    ISO_C_Merge,
-    ISO_CTS_Merge,
     DareSimpleAverage,
     DareTaskArithmetic,
+    ISO_C_Merge,
+    ISO_CTS_Merge,
     MagMaxAlgorithm,
     TaskSingularVectorMerging,
     WeightedAverageAlgorithm,

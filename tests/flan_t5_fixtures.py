@@ -123,15 +123,18 @@ def glue_rows(task: str, count: int, seed: int) -> list[dict]:
 
 
 def write_glue(root: Path, count: int = 10) -> Path:
-    """A local GLUE: root/<task>/<split>.parquet for every task, declared as configs in README.md,
-    as the hub dataset declares them."""
+    """A local GLUE: root/<task>/<split>.parquet for every task, its train split and the split the
+    task pool scores, declared as configs in README.md, as the hub dataset declares them."""
     from datasets import Dataset
 
     configs = []
     for seed, (task, spec) in enumerate(GLUE_TASKS.items()):
         (root / task).mkdir(parents=True, exist_ok=True)
-        Dataset.from_list(glue_rows(task, count, seed)).to_parquet(root / task / f"{spec.split}.parquet")
-        configs.append(f"- config_name: {task}\n  data_files:\n  - split: {spec.split}\n    path: {task}/{spec.split}.parquet")
+        files = []
+        for split, rows in ((spec.split, glue_rows(task, count, seed)), ("train", glue_rows(task, count, 100 + seed))):
+            Dataset.from_list(rows).to_parquet(root / task / f"{split}.parquet")
+            files.append(f"  - split: {split}\n    path: {task}/{split}.parquet")
+        configs.append(f"- config_name: {task}\n  data_files:\n" + "\n".join(files))
     (root / "README.md").write_text("---\nconfigs:\n" + "\n".join(configs) + "\n---\n")
     return root
 

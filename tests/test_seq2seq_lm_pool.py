@@ -2,7 +2,6 @@
 embeddings merged once and kept tied."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -177,13 +176,20 @@ def test_bad_input_is_named(tmp_path):
     ],
 )
 def test_shipped_configs_name_fusionbenchs_models(config, base, model):
-    from omegaconf import OmegaConf
+    from hydra import compose, initialize_config_module
 
+    from fusion_bench.tasks.glue import GLUE_TASKS
     from fusion_bench.utils.instantiation import instantiate_checked
 
-    path = Path(__file__).parents[1] / "config" / "modelpool" / "Seq2SeqLMPool" / f"{config}.yaml"
-    pool = instantiate_checked(OmegaConf.load(path), "modelpool")  # nothing is fetched yet
+    with initialize_config_module("fusion_bench_config", version_base=None):
+        composed = compose("fusion_bench", overrides=[f"modelpool=Seq2SeqLMPool/{config}"]).modelpool
+    pool = instantiate_checked(composed, "modelpool")  # nothing is fetched yet
     tasks = ["cola", "mnli", "mrpc", "qnli", "qqp", "rte", "sst2", "stsb"]
     assert pool.model_names == [f"glue-{task}" for task in tasks] and pool.model_spec("_pretrained_") == base
     assert [pool.model_spec(name) for name in pool.model_names] == [model.format(task) for task in tasks]
-    assert pool.merge_space == "dense"
+    assert pool.merge_space == "dense" and pool.dataset_path == "glue"
+    # each model's GLUE examples for methods that learn from data: train, and the split scored
+    assert pool._glue == {
+        "train": {f"glue-{task}": (GLUE_TASKS[task], "train") for task in tasks},
+        "test": {f"glue-{task}": (GLUE_TASKS[task], GLUE_TASKS[task].split) for task in tasks},
+    }

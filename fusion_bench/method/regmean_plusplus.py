@@ -52,6 +52,10 @@ class _FirstLayerReached(Exception):
 def model_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The model's blocks: its longest nn.ModuleList (vision_model.encoder.layers for CLIP,
     encoder.layer for BERT), the first such list when two are as long."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise InputError(
+            f"RegMean++ merges one stack of layers in order, and {type(model).__name__} is an encoder-decoder with two; use method=regmean/regmean"
+        )
     lists = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.ModuleList) and len(module)]
     if not lists:
         raise InputError(f"RegMean++ merges a model layer by layer, and {type(model).__name__} has no list of layers (nn.ModuleList); use method=regmean/regmean")

@@ -10,9 +10,11 @@ from hydra.utils import instantiate
 from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED
+from fusion_bench.modelpool.glue_task_data import glue_entry, glue_task_data
 from fusion_bench.modelpool.huggingface import AutoModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.lora import LoraAdapter, LoraStateDict, is_adapter
+from fusion_bench.modelpool.task_data import TaskData, check_data_request
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import plain
 
@@ -32,6 +34,10 @@ class Seq2SeqLMPool(AutoModelPool):
         memory of one model and a fraction of the work.
     base_model: FusionBench's key for the base model; it fills `_pretrained_` (they must agree).
     tokenizer: the tokenizer's id or path, or a config with `_target_` (default: the base model's).
+    train_datasets / test_datasets: model name → its GLUE task (a name, or {name, split} as
+        FusionBench writes them), for methods that learn from data (fusion_bench.modelpool.
+        glue_task_data); train examples come with labels, test inputs without.
+    dataset_path: what datasets.load_dataset reads GLUE from (a hub id or a local folder).
     Entries in FusionBench's form ({_target_: ...load_lora_model, base_model_path, peft_model_path},
     or {_target_: ...from_pretrained, pretrained_model_name_or_path}) are read as their paths.
     """
@@ -43,6 +49,9 @@ class Seq2SeqLMPool(AutoModelPool):
         base_model: str | None = None,
         tokenizer: str | Mapping[str, Any] | None = None,
         merge_space: str = "dense",
+        train_datasets: Mapping[str, Any] | None = None,
+        test_datasets: Mapping[str, Any] | None = None,
+        dataset_path: str = "glue",
     ):
         models = {name: _plain_entry(name, spec) for name, spec in models.items()}
         if base_model is not None:
@@ -62,6 +71,11 @@ class Seq2SeqLMPool(AutoModelPool):
             raise InputError(f"merge_space={merge_space!r} is unknown; use one of {', '.join(MERGE_SPACES)}")
         self.merge_space = merge_space
         self._tokenizer = tokenizer
+        self.dataset_path = dataset_path
+        self._glue = {
+            role: {model: glue_entry(model, spec, role) for model, spec in plain(datasets or {}).items()}
+            for role, datasets in (("train", train_datasets), ("test", test_datasets))
+        }
         self._adapters: dict[str, LoraAdapter] = {}
 
     def is_adapter(self, name: str) -> bool:
@@ -96,6 +110,42 @@ class Seq2SeqLMPool(AutoModelPool):
                 raise InputError(f"model {name!r} is a LoRA adapter: add its base model as `{PRETRAINED}: <model>` under `models`")
             self._adapters[name] = LoraAdapter(self.model_path(name), self._meta_architecture, name)
         return self._adapters[name]
+
+    def check_task_data(self, split: str, what: str) -> None:
+        check_data_request(split, None, 1, what)
+        key = f"{split}_datasets"
+        missing = [name for name in self.model_names if name not in self._glue[split]]
+        if missing:
+            raise InputError(f"{what} needs the {split} examples of every task, but the model pool's {key} lacks {missing[0]!r}; add e.g. `{missing[0]}: {{name: <GLUE task>, split: ...}}` under {key}")
+
+    def task_data(self, task: str, *, split: str, num_examples: int | None, batch_size: int, seed: int = 0) -> TaskData:
+        """The GLUE examples of model `task` (train_datasets: with labels; test_datasets: without),
+        as Flan prompts tokenized by the pool's tokenizer, and the head over the answer's first
+        token (fusion_bench.modelpool.glue_task_data)."""
+        check_data_request(split, num_examples, batch_size, f"the {split} examples of {task!r}")
+        self.check_task_data(split, "the method")
+        glue, glue_split = self._glue[split][task]
+        return glue_task_data(
+            glue,
+            glue_split,
+            labeled=split == "train",
+            dataset_path=self.dataset_path,
+            tokenizer=self._data_tokenizer,
+            decoder_start_token_id=self._decoder_start_token_id,
+            num_examples=num_examples,
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+    @cached_property
+    def _data_tokenizer(self):
+        return self.load_tokenizer()
+
+    @cached_property
+    def _decoder_start_token_id(self) -> int:
+        """The token generation starts the decoder with, from the base model's config."""
+        model = self._meta_architecture() if self.has_pretrained else self.load_model(self.model_names[0])
+        return model.config.decoder_start_token_id
 
     def load_tokenizer(self):
         """The tokenizer given as `tokenizer`, else the base model's."""

@@ -1,7 +1,9 @@
 """Frozen heads that turn a task model's output into class logits, as the task pools score them:
-CLIP's zero-shot head over the pooled image embedding, and the offline tasks' class-name head over
-mean-pooled sentence embeddings. Data-dependent methods (fusion_bench.modelpool.task_data) use them."""
+CLIP's zero-shot head over the pooled image embedding, the offline tasks' class-name head over
+mean-pooled sentence embeddings, and a text-to-text model's first answer token. Data-dependent
+methods (fusion_bench.modelpool.task_data) use them."""
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -34,3 +36,17 @@ class SentenceEmbeddingHead(nn.Module):
     def forward(self, outputs, batch) -> Tensor:
         pooled = pooled_embedding(outputs.last_hidden_state, batch.inputs["attention_mask"])
         return LOGIT_SCALE * pooled.float() @ self.class_embeddings.T
+
+
+class FirstAnswerTokenHead(nn.Module):
+    """A sequence-to-sequence model's logits at the decoder's first step, over the first token of
+    each label word (the classes, in label order), or over the whole vocabulary where the task has
+    no label words (STS-B's scores): the answer is decided by its first token."""
+
+    def __init__(self, class_tokens: list[int] | None):
+        super().__init__()
+        self.register_buffer("class_tokens", None if class_tokens is None else torch.tensor(class_tokens))
+
+    def forward(self, outputs, batch) -> Tensor:
+        logits = outputs.logits[:, 0].float()
+        return logits if self.class_tokens is None else logits[:, self.class_tokens]

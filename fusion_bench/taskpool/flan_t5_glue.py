@@ -13,13 +13,11 @@ from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.batched_generation import generate_answers
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
-from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask
+from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask, load_glue_split, prompt_max_length
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import plain
 
 log = logging.getLogger(__name__)
-
-_NO_LIMIT = 1_000_000  # tokenizers without a maximum length report a huge number instead
 
 
 class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
@@ -94,7 +92,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
             if tasks is not None and name not in tasks:
                 continue
             prompts, targets = self._examples(name, task, split)
-            tokenized = tokenize_cached(tokenizer, prompts, max_length=_max_length(tokenizer), cache_dir=self.cache_dir)
+            tokenized = tokenize_cached(tokenizer, prompts, max_length=prompt_max_length(tokenizer), cache_dir=self.cache_dir)
             answers = generate_answers(
                 model,
                 tokenizer,
@@ -132,15 +130,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
         return self._examples_of[name]
 
     def _load_examples(self, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
-        from datasets import load_dataset
-
-        try:
-            dataset = load_dataset(self.dataset_path, task.name, split=split)
-        except Exception as error:
-            raise InputError(
-                f"cannot load GLUE task {task.name!r} (split {split!r}) from dataset_path={self.dataset_path!r}: "
-                f"{type(error).__name__}: {first_line(error)}"
-            ) from error
+        dataset = load_glue_split(self.dataset_path, task, split)
         if self.max_samples is not None:
             dataset = dataset.select(range(min(self.max_samples, len(dataset))))
         examples = dataset.to_list()
@@ -160,11 +150,6 @@ def _task_entry(entry: str | Mapping[str, Any]) -> tuple[str, GlueTask, str]:
         raise InputError(f"task {name!r} is not a GLUE task; use one of {', '.join(GLUE_TASKS)}")
     task = GLUE_TASKS[glue_name]
     return name, task, dataset.get("split", task.split)
-
-
-def _max_length(tokenizer) -> int:
-    """Prompts are truncated as FusionBench truncates them: to the tokenizer's maximum length."""
-    return tokenizer.model_max_length if tokenizer.model_max_length < _NO_LIMIT else 512
 
 
 def _as_decoded(tokenizer, texts: Sequence[str]) -> list[str]:

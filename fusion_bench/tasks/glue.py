@@ -8,6 +8,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from fusion_bench.utils.errors import InputError, first_line
+
+_NO_LIMIT = 1_000_000  # tokenizers without a maximum length report a huge number instead
+
 
 @dataclass(frozen=True)
 class GlueTask:
@@ -81,3 +85,22 @@ GLUE_TASKS = {
         ),
     ]
 }
+
+
+def load_glue_split(dataset_path: str, task: GlueTask, split: str):
+    """The `split` of `task` as datasets.load_dataset reads it from `dataset_path` (a hub id, or a
+    local folder with the same configs and splits)."""
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(dataset_path, task.name, split=split)
+    except Exception as error:
+        raise InputError(
+            f"cannot load GLUE task {task.name!r} (split {split!r}) from dataset_path={dataset_path!r}: "
+            f"{type(error).__name__}: {first_line(error)}"
+        ) from error
+
+
+def prompt_max_length(tokenizer) -> int:
+    """Prompts are truncated as FusionBench truncates them: to the tokenizer's maximum length."""
+    return tokenizer.model_max_length if tokenizer.model_max_length < _NO_LIMIT else 512
