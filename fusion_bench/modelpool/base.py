@@ -196,7 +196,7 @@ class BaseModelPool:
         the config alone (the program calls it before any work). `what` names the asking method."""
         raise InputError(
             f"{what} learns from data, which {type(self).__name__} does not provide; use a pool that does "
-            "(CLIPVisionModelPool with train_datasets / test_datasets, OfflineTextPool)"
+            "(CLIPVisionModelPool or Seq2SeqLMPool with train_datasets / test_datasets, OfflineTextPool)"
         )
 
     def task_data(self, task: str, *, split: str, num_examples: int | None, batch_size: int, seed: int = 0) -> TaskData:
