@@ -74,8 +74,11 @@ def make_module() -> nn.Module:
 
 
 def make_pool(kind: str, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
-    """normal: Gaussian task vectors; lowrank: task vectors of rank 3 in each matrix, as
-    fine-tuning makes them (distinct singular values matter to the SVD methods). Each pool has one
+    """normal: Gaussian task vectors; lowrank: task vectors of rank 3 in each matrix plus a little
+    Gaussian noise, as fine-tuning makes them (a few strong directions over a full-rank tail). The
+    noise keeps every singular value well apart from float32 rounding: without it, Σ_t τ_t has null
+    directions, whose singular vectors (and so TSV-M's and Iso-C's outputs) are whatever the
+    machine's LAPACK makes of rounding noise, different from one CPU to another. Each pool has one
     tensor no task changed ("1.bias")."""
     shapes = {k: v.shape for k, v in make_module().state_dict().items()}
     pretrained = {k: torch.randn(shape, generator=generator) for k, shape in shapes.items()}
@@ -85,6 +88,7 @@ def make_pool(kind: str, generator: torch.Generator) -> dict[str, dict[str, torc
         for key, value in pretrained.items():
             if kind == "lowrank" and value.dim() == 2:
                 delta = 0.05 * torch.randn(value.shape[0], 3, generator=generator) @ torch.randn(3, value.shape[1], generator=generator)
+                delta += 0.02 * torch.randn(value.shape, generator=generator)
             else:
                 delta = 0.01 * torch.randn(value.shape, generator=generator)
             model[key] = value.clone() if key == "1.bias" else value + delta
