@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fusion_bench.merging.streaming import StateDict, progress
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.key_checks import check_string_list
 
 # (key, θ₀, task vectors [tasks, *shape]) → the merged task vector, of θ₀'s shape
 TensorMerge = Callable[[str, Tensor, Tensor], Tensor]
@@ -54,10 +55,4 @@ def is_merged_as_matrix(key: str, shape: Sequence[int], exclude_keys: Sequence[s
 
 
 def check_exclude_keys(exclude_keys: Sequence[str] | None) -> list[str]:
-    if exclude_keys is None:
-        return []
-    if isinstance(exclude_keys, str):
-        raise InputError(f"exclude_keys must be a list of keys, got the string {exclude_keys!r}; write [{exclude_keys!r}]")
-    if not isinstance(exclude_keys, Sequence) or not all(isinstance(key, str) for key in exclude_keys):
-        raise InputError(f"exclude_keys={exclude_keys!r} must be a list of state-dict keys, e.g. exclude_keys=[vision_model.embeddings.position_embedding.weight]")
-    return list(exclude_keys)
+    return check_string_list(exclude_keys, "exclude_keys", "keys", "[vision_model.embeddings.position_embedding.weight]")

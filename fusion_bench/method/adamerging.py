@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from fusion_bench.merging.adamerging import entropy_loss, initial_weights, loss_and_gradient, merged_parameters, per_layer, stack_task_vectors
 from fusion_bench.method.base import BaseAlgorithm, merge_inputs
+from fusion_bench.method.data_settings import check_seed
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool, as_modelpool
 from fusion_bench.modelpool.task_data import Batch, Batches, TaskData, draw_indices
 from fusion_bench.utils.cache import fingerprint, write_atomically
@@ -85,8 +86,7 @@ class TaskWiseAdaMergingAlgorithm(BaseAlgorithm):
         for key, value, least in (("devices", devices, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("max_steps", max_steps, 0)):
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise InputError(f"{key}={value!r} must be a whole number, {least} or more")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InputError(f"seed={seed!r} must be an integer: it orders the test inputs each step sees")
+        check_seed(seed, "it orders the test inputs each step sees")
         if task_vector_dtype is not None and task_vector_dtype not in TASK_VECTOR_DTYPES:
             raise InputError(f"task_vector_dtype={task_vector_dtype!r} is unknown; use null (the model's dtype), {', '.join(TASK_VECTOR_DTYPES)}")
         if save_merging_weights not in (False, None, "") and not isinstance(save_merging_weights, (str, Path)):

@@ -11,6 +11,7 @@ from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import refuse_unknown_keys
+from fusion_bench.utils.key_checks import check_string_list
 
 
 class BaseAlgorithm:
@@ -146,8 +147,6 @@ def check_scaling_factor(scaling_factor: float) -> float:
     return float(scaling_factor)
 
 
-def check_remove_keys(remove_keys: Sequence[str]) -> list[str]:
-    """TIES's remove_keys as a list (a lone string would be read as its characters)."""
-    if isinstance(remove_keys, str):
-        raise InputError(f"remove_keys must be a list of keys, got the string {remove_keys!r}; write [{remove_keys!r}]")
-    return list(remove_keys)
+def check_remove_keys(remove_keys: Sequence[str] | None) -> list[str]:
+    """TIES's remove_keys: the state-dict keys left out of the merge."""
+    return check_string_list(remove_keys, "remove_keys", "keys", "[text_model.embeddings.position_ids]")

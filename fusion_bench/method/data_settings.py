@@ -14,6 +14,7 @@ from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.task_data import Batch, TaskData
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
+from fusion_bench.utils.key_checks import check_string_list
 
 # FusionBench's dataloader_kwargs defaults, as a constructor default (read-only); reports compare
 # a config's value to it, so a config that repeats it is not marked as changed.
@@ -47,27 +48,21 @@ def check_num_examples(value: Any, key: str) -> int:
     return value
 
 
-def check_seed(value: Any) -> int:
+def check_seed(value: Any, purpose: str = "it chooses which examples are drawn") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"seed={value!r} must be an integer: it chooses which examples are drawn")
+        raise InputError(f"seed={value!r} must be an integer: {purpose}")
     return value
 
 
 def check_param_regexes(patterns: Any) -> list[str]:
     """FusionBench's exclude_param_names_regex: a list of regular expressions."""
-    patterns = plain(patterns)
-    if patterns is None:
-        return []
-    if isinstance(patterns, str):
-        raise InputError(f"exclude_param_names_regex must be a list of regular expressions, got the string {patterns!r}; write [{patterns!r}]")
-    if not isinstance(patterns, Sequence) or not all(isinstance(pattern, str) for pattern in patterns):
-        raise InputError(f"exclude_param_names_regex={patterns!r} must be a list of regular expressions, e.g. ['.*layer_norm.*']")
+    patterns = check_string_list(patterns, "exclude_param_names_regex", "regular expressions", "['.*layer_norm.*']")
     for pattern in patterns:
         try:
             re.compile(pattern)
         except re.error as error:
             raise InputError(f"exclude_param_names_regex has {pattern!r}, which is not a regular expression: {error}") from None
-    return list(patterns)
+    return patterns
 
 
 def excluded_keys(pretrained: LazyStateDict, patterns: Sequence[str]) -> set[str]:
