@@ -24,7 +24,7 @@ run: setup
 	$(BIN)/fusion_bench
 
 test: setup
-	TQDM_DISABLE=1 $(BIN)/python -m pytest
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -n auto
 
 benchmark: setup
 	$(BIN)/python benchmarks/merge_memory.py
