@@ -21,6 +21,7 @@ from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.models.per_task_models import PerTaskModels
+from fusion_bench.programs.multi_process import check_several_processes, is_evaluation_worker, several_processes, share_merged_model
 from fusion_bench.reporting.report import build_report, check_report_path, format_table, split_results, write_report
 from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.utils.errors import InputError, first_line
@@ -97,6 +98,8 @@ class FusionProgram:
         if self.seed is not None:
             _seed_everything(self.seed)
         method, modelpool, taskpool, fabric = self._build_parts()
+        if is_evaluation_worker(fabric):
+            return self._help_evaluate(taskpool, fabric)
         save_target = self._check_outputs(modelpool, taskpool)
         if self.dry_run:
             print("dry run: the configs build and every check passed; nothing was merged or written")
@@ -132,6 +135,8 @@ class FusionProgram:
         results: Mapping[str, Any] = {}
         if taskpool is not None:
             start = time.perf_counter()
+            if several_processes(fabric):
+                merged = share_merged_model(fabric, merged)
             results = _evaluate(taskpool, merged, fabric)
             timing["eval_seconds"] = time.perf_counter() - start
         tasks, average, model_info = split_results(results)
@@ -169,6 +174,8 @@ class FusionProgram:
                 _check_scores_per_task_models(taskpool, modelpool)
         if getattr(taskpool, "uses_fabric", False) or getattr(method, "uses_fabric", False):
             fabric = self._fabric()
+            if several_processes(fabric):
+                check_several_processes(fabric, taskpool)
         if getattr(method, "uses_fabric", False):
             method.fabric = fabric
         return method, modelpool, taskpool, fabric
@@ -202,8 +209,16 @@ class FusionProgram:
         except InstantiationException as error:  # Lightning refuses an accelerator or precision it cannot provide
             cause = error.__cause__ or error
             raise InputError(f"the fabric config cannot be built ({type(cause).__name__}: {first_line(cause)}); e.g. fabric.accelerator=cpu") from None
-        fabric.launch()
+        if not several_processes(fabric):  # several: launched for evaluation, after the merge
+            fabric.launch()
         return fabric
+
+    def _help_evaluate(self, taskpool: Any, fabric: Any) -> None:
+        """A process rank 0 started to share its evaluation: score this process's share of the
+        merged model's batches; rank 0 writes the report."""
+        if hasattr(taskpool, "prepare"):
+            taskpool.prepare()
+        _evaluate(taskpool, share_merged_model(fabric, None), fabric)
 
     def _config_record(self) -> dict[str, Any]:
         """The configs as run: fast_dev_run, where it reached the task pool, shows there."""

@@ -23,9 +23,12 @@ class BaseTaskPool:
     models (one model per task, as TALL masks make), each task is scored with its own model.
     uses_fabric: whether evaluation needs a Lightning Fabric (device placement); the program only
     creates (and imports) one for pools that do.
+    shards_across_processes: whether evaluation on several processes (fabric.devices=N) gives each
+        process a share of the batches and adds up the results (fusion_bench.taskpool.sharding).
     """
 
     uses_fabric = False
+    shards_across_processes = False
 
     def __init__(self, **kwargs: Any):
         refuse_unknown_keys(self, kwargs, "taskpool")

@@ -19,6 +19,7 @@ from transformers import AutoTokenizer, BertModel
 from fusion_bench.modelpool.offline_text import packaged_minilm
 from fusion_bench.models.sentence_embedding import cached_class_head, logits, mean_pooled
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
+from fusion_bench.taskpool.sharding import batch_share, summed_over_processes
 from fusion_bench.tasks.offline_text import TASKS
 from fusion_bench.tasks.text_datasets import task_splits
 from fusion_bench.utils.errors import InputError
@@ -35,6 +36,7 @@ class TextClassificationTaskPool(BaseTaskPool):
     evaluate only the first n examples of each task; fast_dev_run: one batch per task."""
 
     uses_fabric = True
+    shards_across_processes = True  # fabric.devices=N: each process scores a share of the batches
 
     def __init__(
         self,
@@ -88,6 +90,7 @@ class TextClassificationTaskPool(BaseTaskPool):
             correct, loss, seen = 0, 0.0, 0
             order = sorted(range(len(data)), key=lambda i: len(data[i]["text"]))
             batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)][: self.batches_per_task]
+            batches = [batches[i] for i in batch_share(len(batches), fabric)]
             for batch in progress_bar(batches, desc=f"evaluating {task}"):
                 rows = data[batch]
                 tokens = tokenizer(rows["text"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(device)
@@ -96,6 +99,7 @@ class TextClassificationTaskPool(BaseTaskPool):
                 correct += int((scores.argmax(dim=1) == labels).sum())
                 loss += float(F.cross_entropy(scores, labels, reduction="sum"))
                 seen += len(batch)
+            correct, loss, seen = summed_over_processes([correct, loss, seen], fabric)
             results[task] = {"accuracy": correct / seen, "loss": loss / seen}
             log.info("%s: accuracy %.4f, loss %.4f (%d texts, %.1f s)", task, correct / seen, loss / seen, seen, time.perf_counter() - start)
         return results

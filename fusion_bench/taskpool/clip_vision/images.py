@@ -90,7 +90,11 @@ class ImageBatches(torch.utils.data.Dataset):
         return math.ceil(len(self.indices) / self.batch_size)
 
     def __getitem__(self, batch: int) -> tuple[Tensor, Tensor]:
-        return self.batch_of(self.indices[batch * self.batch_size : (batch + 1) * self.batch_size])
+        return self.batch_of(self.batch_indices(batch))
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """The dataset rows of batch `batch`."""
+        return self.indices[batch * self.batch_size : (batch + 1) * self.batch_size]
 
     def batch_of(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:
         """(uint8 images, labels) of the dataset's rows `indices`."""

@@ -20,6 +20,7 @@ from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, evaluation_indices
 from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
 from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_head, head_key, text_tower_digest
+from fusion_bench.taskpool.sharding import batch_share, summed_over_processes
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
 from fusion_bench.utils.cache import cache_dir
 from fusion_bench.utils.dataset_loading import load_dataset_spec
@@ -57,6 +58,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     """
 
     uses_fabric = True
+    shards_across_processes = True  # fabric.devices=N: each process scores a share of the batches
 
     def __init__(
         self,
@@ -155,8 +157,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
             batches = ImageBatches(self.dataset(task), self._indices(task), self.dataloader_kwargs["batch_size"], transform)
             correct = torch.zeros((), dtype=torch.long, device=device)
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            with progress_bar(total=len(batches.indices), desc=task, unit="img") as bar:
-                for images, labels in self._loader(batches, device):
+            share = batch_share(len(batches), fabric)
+            with progress_bar(total=sum(len(batches.batch_indices(i)) for i in share), desc=task, unit="img") as bar:
+                for images, labels in self._loader(batches, share, device):
                     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                     with autocast():
                         pooled = tower(pixel_values=transform.normalize(images)).pooler_output
@@ -165,8 +168,9 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
                     loss_sum += F.cross_entropy(logits, labels, reduction="sum")
                     correct += (logits.argmax(dim=-1) == labels).sum()
                     bar.update(len(labels))
+            correct_total, loss_total = summed_over_processes([correct.item(), loss_sum.item()], fabric)
             samples = len(batches.indices)
-            results[task] = {"accuracy": correct.item() / samples, "loss": loss_sum.item() / samples}
+            results[task] = {"accuracy": correct_total / samples, "loss": loss_total / samples}
             log.info("%s: accuracy %.4f, loss %.4f (%d images, %.1f s)", task, results[task]["accuracy"], results[task]["loss"], samples, time.perf_counter() - start)
         return results
 
@@ -211,11 +215,13 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         indices = evaluation_indices(len(self.dataset(task)), self.max_samples)
         return indices[: self.dataloader_kwargs["batch_size"]] if self.fast_dev_run else indices
 
-    def _loader(self, batches: ImageBatches, device: torch.device) -> DataLoader:
-        workers = min(self.dataloader_kwargs["num_workers"], len(batches))  # no idle workers for small tasks
+    def _loader(self, batches: ImageBatches, share: range, device: torch.device) -> DataLoader:
+        """The batches numbered in `share` (this process's), built in the DataLoader's workers."""
+        workers = min(self.dataloader_kwargs["num_workers"], len(share))  # no idle workers for small tasks
         return DataLoader(
             batches,
             batch_size=None,  # each item is a whole batch
+            sampler=share,
             num_workers=workers,
             pin_memory=self.dataloader_kwargs["pin_memory"] and device.type == "cuda",
             prefetch_factor=self.dataloader_kwargs["prefetch_factor"] if workers else None,
