@@ -3,13 +3,18 @@ merge runs once, each process scores a share of every task's batches, and the re
 the one a single process writes, written once, by rank 0."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from fusion_bench.modelpool.offline_text import packaged_minilm
+from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.taskpool.sharding import batch_share
 from tests.clip_fixtures import CLIP_TASKS, write_clip_configs
 from tests.conftest import assert_one_line_error, run_cli
+from tests.flan_t5_fixtures import LORA_TASKS, glue_dir, t5_pool_dir
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TWO_PROCESSES = ("fabric.accelerator=cpu", "fabric.devices=2", "fabric.strategy=ddp")
 
@@ -67,11 +72,38 @@ def test_two_processes_score_the_offline_text_pool_as_one_does(tmp_path):
         assert reports[1][task]["loss"] == pytest.approx(reports[0][task]["loss"], abs=1e-6)
 
 
+def test_two_processes_answer_glue_as_one_does(tmp_path):
+    root = t5_pool_dir()
+    models = "".join(f"  glue-{task}: {root / f'glue-{task}'}\n" for task in LORA_TASKS)
+    (tmp_path / "config" / "modelpool").mkdir(parents=True)
+    (tmp_path / "config" / "modelpool" / "t5.yaml").write_text(f"_target_: fusion_bench.modelpool.Seq2SeqLMPool\nmodels:\n  _pretrained_: {root / 'pretrained'}\n{models}")
+    common = [
+        "--config-dir", str(tmp_path / "config"), "modelpool=t5", "method=task_arithmetic", "taskpool=flan-t5_glue_text_generation",
+        "taskpool.tasks=[cola,rte,stsb]", f"taskpool.tokenizer={root / 'pretrained'}", f"taskpool.dataset_path={glue_dir()}", "taskpool.batch_size=3",
+    ]  # fmt: skip
+    reports = []
+    for extra in (("fabric.accelerator=cpu",), TWO_PROCESSES):
+        run = tmp_path / f"run{len(reports)}"
+        run_cli(*common, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+        reports.append(json.loads((run / "report.json").read_text()))
+    for task in ("cola", "rte", "stsb"):  # every answer gathered: exact match and Spearman's ρ as one process
+        assert json.dumps(reports[1][task]) == json.dumps(reports[0][task])
+
+
+class OneProcessTaskPool(BaseTaskPool):
+    """A task pool that places models with Fabric but cannot share its evaluation."""
+
+    uses_fabric = True
+
+    def task_names(self):
+        return ["only"]
+
+
 def test_several_processes_are_refused_where_they_cannot_help(tmp_path, clip_world):
     write_clip_configs(tmp_path / "config", clip_world)
     common = ["--config-dir", str(tmp_path / "config"), "modelpool=tiny_clip", *TWO_PROCESSES]
-    result = run_cli(*common, "taskpool=flan-t5_glue_text_generation", "method=simple_average", f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path, check=False)
-    assert_one_line_error(result, "fabric.devices gives 2 processes, but FlanT5GLUETextGenerationTaskPool scores on one; use fabric.devices=1")
+    result = run_cli(*common, "taskpool=dummy", "taskpool._target_=tests.test_multi_process_eval.OneProcessTaskPool", "method=simple_average", f"hydra.run.dir={tmp_path / 'a'}", cwd=ROOT, check=False)
+    assert_one_line_error(result, "fabric.devices gives 2 processes, but OneProcessTaskPool scores on one; use fabric.devices=1")
     result = run_cli(
         "--multirun", *common, "taskpool=tiny_clip", "method=task_arithmetic", "method.scaling_factor=0.3,0.5", f"hydra.sweep.dir={tmp_path / 'sweep'}",
         cwd=tmp_path, check=False,

@@ -5,6 +5,7 @@ the work the prompts need. Sorting the prompts by length and padding each batch 
 longest keeps the padding small; the answers are returned in the prompts' order.
 """
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -25,16 +26,19 @@ def generate_answers(
     device: torch.device,
     autocast=None,
     desc: str = "generating",
-) -> list[str]:
+    share: Callable[[int], Sequence[int]] = range,
+) -> list[str | None]:
     """The decoded greedy answer (special tokens skipped) to each prompt, longest batches first
     (so running out of memory shows at once). `autocast` is a context manager factory for
-    mixed precision (e.g. Fabric's), or None."""
+    mixed precision (e.g. Fabric's), or None. share(number of batches) gives the batches to run
+    (fusion_bench.taskpool.sharding); the prompts of the others get None."""
     lengths = prompts.lengths()
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    batches = [batches[i] for i in share(len(batches))]
     answers: list[str | None] = [None] * len(prompts)
-    with progress_bar(total=len(prompts), desc=desc, unit="example") as progress:
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
+    with progress_bar(total=sum(map(len, batches)), desc=desc, unit="example") as progress:
+        for batch in batches:
             width = int(lengths[batch[0]])
             input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             attention_mask = torch.zeros((len(batch), width), dtype=torch.long)

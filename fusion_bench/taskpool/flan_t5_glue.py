@@ -11,6 +11,7 @@ from torch import nn
 
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.batched_generation import generate_answers
+from fusion_bench.taskpool.sharding import batch_share, gathered_over_processes
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
 from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask, load_glue_split, prompt_max_length
@@ -41,6 +42,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
     """
 
     uses_fabric = True
+    shards_across_processes = True  # fabric.devices=N: each process answers a share of the batches
 
     def __init__(
         self,
@@ -102,7 +104,9 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
                 device=device,
                 autocast=fabric.autocast if fabric is not None else None,
                 desc=name,
+                share=lambda batches: batch_share(batches, fabric),
             )
+            answers = gathered_over_processes(answers, fabric)
             targets = _as_decoded(tokenizer, targets)
             if task.is_regression:
                 metrics = spearman_of_scores(answers, targets)

@@ -2,10 +2,11 @@
 
 Process r scores batches r, r + N, r + 2N, ...: whole batches, the same ones a single process
 makes, so each batch's numbers are the single process's; the task's sums and counts are then added
-over the processes. One process (or no Fabric): every batch, nothing to add.
+over the processes, or per-example results (generated answers) gathered. One process (or no
+Fabric): every batch, nothing to add.
 """
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -24,3 +25,18 @@ def summed_over_processes(values: list[float], fabric: Any) -> list[float]:
         return values
     total: Tensor = fabric.all_reduce(torch.tensor(values, dtype=torch.float64, device=fabric.device), reduce_op="sum")
     return total.tolist()
+
+
+Value = TypeVar("Value")
+
+
+def gathered_over_processes(values: list[Value | None], fabric: Any) -> list[Value | None]:
+    """Per-example values, each process's list filled in for its own batches (None elsewhere),
+    completed from every process: each process gets the whole list."""
+    if fabric is None or fabric.world_size == 1:
+        return values
+    import torch.distributed
+
+    lists: list[list[Value | None] | None] = [None] * fabric.world_size
+    torch.distributed.all_gather_object(lists, values)
+    return [next((given[i] for given in lists if given[i] is not None), None) for i in range(len(values))]
