@@ -65,14 +65,15 @@ def glue_task_data(
     labels where `labeled`; the head over the answer's first token."""
     dataset = load_glue_split(dataset_path, task, split)
     check_enough_examples(task.name, split, len(dataset), num_examples, "the method")
-    examples = dataset.to_list()
-    prompts = [task.render(example) for example in examples]
-    drawn = sorted(draw_indices(len(prompts), num_examples, seed), key=lambda i: len(prompts[i]))
+    drawn = draw_indices(len(dataset), num_examples, seed)
+    examples = dict(zip(drawn, dataset.select(drawn).to_list()))  # only the drawn rows: MNLI's train split has 393k
+    prompts = {row: task.render(example) for row, example in examples.items()}
+    drawn = sorted(drawn, key=lambda row: len(prompts[row]))
     max_length = prompt_max_length(tokenizer)
     if task.is_regression:
-        class_tokens, labels = None, [_first_token(tokenizer, task.target(example)) for example in examples]
+        class_tokens, labels = None, {row: _first_token(tokenizer, task.target(example)) for row, example in examples.items()}
     else:
-        class_tokens, labels = _class_tokens(tokenizer, task), [example["label"] for example in examples]
+        class_tokens, labels = _class_tokens(tokenizer, task), {row: example["label"] for row, example in examples.items()}
 
     def make(indices: list[int]) -> Batch:
         tokens = tokenizer([prompts[i] for i in indices], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
