@@ -4,13 +4,17 @@ Bad input ends the run with one line naming the problem and the fix, and exit st
 InputError from our code, and Hydra's own refusals (an unknown config name, an override of a key
 that does not exist, an override that does not parse), which Hydra would otherwise print over
 several lines with exit status 1. In a sweep (--multirun) a failing run does not stop the others:
-it leaves a report saying why it failed, and the sweep exits non-zero at the end.
+it leaves a report saying why it failed, and the sweep exits non-zero at the end. A launcher
+(joblib, submitit) runs the jobs in other processes: the sweep then finds its failed runs by their
+reports.
 """
 
 import gc
 import logging
 import os
 import sys
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +30,12 @@ from fusion_bench.utils.progress import configure_progress_bars
 
 log = logging.getLogger(__name__)
 
-_failed_runs: list[tuple[list[str], BaseException]] = []  # the failed jobs of a sweep
+# Our hydra/launcher configs (joblib, submitit_*) carry the plugins' names, so Hydra validates each
+# against the plugin's schema of that name, as we mean it to, and Hydra 1.3 warns that this is
+# deprecated, at each composition, in each job. Set on import, so in a launcher's processes too.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/[^']+' is validated against ConfigStore schema with the same name", category=UserWarning)
+
+_failed_runs: list[tuple[list[str], str, bool]] = []  # the failed jobs of a sweep: overrides, message, whether bad input
 
 
 @hydra.main(config_path="pkg://fusion_bench_config", config_name="fusion_bench", version_base=None)
@@ -46,10 +55,44 @@ def _run(config: DictConfig) -> None:
                 _fail(str(error))  # here, before Hydra adds its own lines about the failed job
             raise
         overrides = list(HydraConfig.get().overrides.task)
-        _failed_runs.append((overrides, error))
+        _failed_runs.append((overrides, first_line(error), isinstance(error, InputError)))
         log.error("run failed (%s): %s", " ".join(overrides), error, exc_info=not isinstance(error, InputError))
         _write_failure_report(config, overrides, error)
+        # In a launcher's process, _failed_runs is not main()'s: the error, sent back to it, says
+        # where to look for the sweep's failed reports
+        error.sweep_folder = _sweep_folder()  # type: ignore[attr-defined]
         raise  # Hydra records the job as failed and goes on with the next one
+
+
+def _sweep_folder() -> str | None:
+    """This job's sweep folder (hydra.sweep.dir, resolved): its output folder less the subdir."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_config = HydraConfig.get()
+    try:
+        depth = len(Path(str(hydra_config.sweep.subdir)).parts)
+    except OmegaConfBaseException:  # a subdir naming the task's config, which Hydra's own copy lacks
+        return None
+    output_dir = Path(hydra_config.runtime.output_dir)
+    return str(output_dir.parents[depth - 1] if depth else output_dir)
+
+
+def _failures_reported(sweep_folder: str, since: float) -> list[tuple[list[str], str, bool]]:
+    """The failed runs whose reports were written under `sweep_folder` after `since` (this sweep's,
+    not those of an earlier sweep into the same folder)."""
+    from fusion_bench.reporting.report import failed, meta, read_report
+    from fusion_bench.reporting.tables import REPORT_NAMES
+
+    failures = []
+    for path in sorted(file for name in REPORT_NAMES for file in Path(sweep_folder).rglob(name)):
+        try:
+            report = read_report(path) if path.stat().st_mtime >= since else None
+        except (OSError, ValueError):
+            continue
+        if report is not None and failed(report):
+            error = meta(report)["error"]
+            failures.append((meta(report)["overrides"], first_line(Exception(error["message"])), error["type"] == "InputError"))
+    return failures
 
 
 def _write_failure_report(config: DictConfig, overrides: list[str], error: BaseException) -> None:
@@ -72,9 +115,12 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; the one-line messages are ours
     register_choices_resolver()
     configure_progress_bars()
+    started = time.time()
     try:
         _run()
     except Exception as error:
+        if not _failed_runs and getattr(error, "sweep_folder", None):  # the jobs ran in a launcher's processes
+            _failed_runs.extend(_failures_reported(error.sweep_folder, since=started))
         if _failed_runs:  # the sweep re-raised its first failed run at the end
             _exit_sweep_failed()
         message = _one_line_message(error)
@@ -111,11 +157,11 @@ def _fail(message: str) -> None:
 
 
 def _exit_sweep_failed() -> None:
-    for overrides, error in _failed_runs:
-        print(f"fusion_bench: failed run ({' '.join(overrides)}): {first_line(error)}", file=sys.stderr)
+    for overrides, message, _ in _failed_runs:
+        print(f"fusion_bench: failed run ({' '.join(overrides)}): {message}", file=sys.stderr)
     total = len(_failed_runs)
     print(f"fusion_bench: error: {total} run(s) of the sweep failed; each left a report.json saying why, the others ran", file=sys.stderr)
-    sys.exit(2 if all(isinstance(error, InputError) for _, error in _failed_runs) else 1)
+    sys.exit(2 if all(bad_input for _, _, bad_input in _failed_runs) else 1)
 
 
 def _missing_config_message(error: MissingConfigException) -> str:
