@@ -51,14 +51,20 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> Path:
 
 
 def build_once(path: Path, build: Callable[[Path], None]) -> Path:
-    """`path`, made by build(staging_directory) unless it exists already."""
+    """`path`, made by build(staging_directory) unless it exists already. Processes that build
+    the same path at once (the jobs of a parallel sweep, test workers) each build their own staging
+    folder; the first rename wins, and the others keep the winner's, which is the same thing."""
     if path.exists():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.partial-"))
     try:
         build(staging)
-        staging.rename(path)
+        try:
+            staging.rename(path)
+        except OSError:
+            if not path.exists():
+                raise  # a real failure, not another process finishing first
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
