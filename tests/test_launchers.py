@@ -20,7 +20,7 @@ from fusion_bench.method import TaskArithmeticAlgorithm
 from fusion_bench.modelpool import AutoModelPool
 from fusion_bench.reporting.report import meta
 from tests.clip_fixtures import CLIP_TASKS, write_clip_configs
-from tests.conftest import TASKS, run_cli, write_pool_config
+from tests.conftest import TASKS, assert_one_line_error, run_cli, write_pool_config
 
 joblib_config = pytest.importorskip("hydra_plugins.hydra_joblib_launcher.config", reason="pip install fusion_bench[cluster]")
 submitit_config = pytest.importorskip("hydra_plugins.hydra_submitit_launcher.config", reason="pip install fusion_bench[cluster]")
@@ -156,3 +156,13 @@ def test_the_documented_resume_reruns_the_failed_runs_in_their_folders(tmp_path,
     assert meta(rerun)["status"] == "completed" and meta(rerun)["overrides"] == [*meta(failed)["overrides"], "report_save_overwrite=true"]
     assert meta(rerun)["models"]["alpha"] == str(late / "alpha")
     assert (sweep / "0" / "report.json").read_bytes() == completed  # the completed run was left alone
+
+
+def test_launcher_mistakes_are_one_line_errors(tmp_path, bert_pool_dir, monkeypatch):
+    result = run_cli("--multirun", "--cfg", "hydra", "hydra/launcher=submitit_slurm", cwd=tmp_path, check=False)
+    assert_one_line_error(result, "print a config without --multirun, e.g. fusion_bench hydra/launcher=submitit_slurm --cfg hydra")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))  # no srun, whatever this machine has
+    args = bert_sweep(tmp_path, bert_pool_dir, "hydra/launcher=submitit_slurm", "method.scaling_factor=0.1,0.2", f"hydra.sweep.dir={tmp_path / 'sweep'}")
+    result = run_cli(*args, cwd=tmp_path, check=False)
+    assert_one_line_error(result, "this machine has no srun; run the sweep where SLURM is, or use hydra/launcher=submitit_local or joblib here")
+    assert not list(tmp_path.rglob("report.json"))

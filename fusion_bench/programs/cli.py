@@ -148,6 +148,10 @@ def _one_line_message(error: Exception) -> str | None:
         return f"{error}: a config group takes a config name, e.g. method=ties_merging (quote a name that reads as a number)"
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override: {first_line(error)}; write key=value, e.g. method.scaling_factor=0.3"
+    if isinstance(error, ValueError) and str(error).startswith("Only one of --run, --multirun, --cfg"):
+        return f"{error}: print a config without --multirun, e.g. fusion_bench hydra/launcher=submitit_slurm --cfg hydra"
+    if isinstance(error, RuntimeError) and 'Could not detect "srun"' in str(error):
+        return "hydra/launcher=submitit_slurm submits to SLURM, and this machine has no srun; run the sweep where SLURM is, or use hydra/launcher=submitit_local or joblib here"
     return None
 
 
