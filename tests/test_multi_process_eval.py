@@ -55,6 +55,16 @@ def test_two_processes_score_the_clip_pool_as_one_does(tmp_path, clip_world):
     assert "GLOBAL_RANK: 1" in worker_log and "merged with" not in worker_log and "mnist: accuracy" in worker_log
 
 
+def one_and_two_process_reports(tmp_path, common):
+    """The reports of the same command run on one process and on two."""
+    reports = []
+    for extra in (("fabric.accelerator=cpu",), TWO_PROCESSES):
+        run = tmp_path / f"run{len(reports)}"
+        run_cli(*common, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
+        reports.append(json.loads((run / "report.json").read_text()))
+    return reports
+
+
 def test_two_processes_score_the_offline_text_pool_as_one_does(tmp_path):
     (tmp_path / "config" / "modelpool").mkdir(parents=True)
     (tmp_path / "config" / "modelpool" / "minilm.yaml").write_text(f"_target_: fusion_bench.modelpool.AutoModelPool\nmodels:\n  _pretrained_: {packaged_minilm()}\n")
@@ -62,11 +72,7 @@ def test_two_processes_score_the_offline_text_pool_as_one_does(tmp_path):
         "--config-dir", str(tmp_path / "config"), "modelpool=minilm", "method=dummy", "taskpool=TextClassificationTaskPool/minilm_text8",
         "taskpool.tasks=[newsgroups,reuters8]", "taskpool.max_samples=45", "taskpool.batch_size=8", "taskpool.seed=0",
     ]  # fmt: skip
-    reports = []
-    for extra in (("fabric.accelerator=cpu",), TWO_PROCESSES):
-        run = tmp_path / f"run{len(reports)}"
-        run_cli(*common, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
-        reports.append(json.loads((run / "report.json").read_text()))
+    reports = one_and_two_process_reports(tmp_path, common)
     for task in ("newsgroups", "reuters8"):
         assert reports[1][task]["accuracy"] == reports[0][task]["accuracy"]
         assert reports[1][task]["loss"] == pytest.approx(reports[0][task]["loss"], abs=1e-6)
@@ -81,11 +87,7 @@ def test_two_processes_answer_glue_as_one_does(tmp_path):
         "--config-dir", str(tmp_path / "config"), "modelpool=t5", "method=task_arithmetic", "taskpool=flan-t5_glue_text_generation",
         "taskpool.tasks=[cola,rte,stsb]", f"taskpool.tokenizer={root / 'pretrained'}", f"taskpool.dataset_path={glue_dir()}", "taskpool.batch_size=3",
     ]  # fmt: skip
-    reports = []
-    for extra in (("fabric.accelerator=cpu",), TWO_PROCESSES):
-        run = tmp_path / f"run{len(reports)}"
-        run_cli(*common, *extra, f"hydra.run.dir={run}", cwd=tmp_path)
-        reports.append(json.loads((run / "report.json").read_text()))
+    reports = one_and_two_process_reports(tmp_path, common)
     for task in ("cola", "rte", "stsb"):  # every answer gathered: exact match and Spearman's ρ as one process
         assert json.dumps(reports[1][task]) == json.dumps(reports[0][task])
 
