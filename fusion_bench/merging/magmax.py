@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, progress
+from fusion_bench.merging.streaming import StateDict, merge_elementwise
 
 
 def largest_magnitude(task_vectors: Tensor) -> Tensor:
@@ -31,8 +31,4 @@ def magmax_merge(
 ) -> None:
     """Write θ₀ + λ·largest_magnitude(τ_1..τ_T) into out[key] for every key, chunk by chunk."""
     models = {"_pretrained_": pretrained, **finetuned}
-    for key in progress(keys, "MagMax"):
-        output = FlatOutput(out[key])
-        for positions, stack in aligned_chunks(models, key, task_vectors=True, check_finite=True):
-            output[positions] = stack[0] + scaling_factor * largest_magnitude(stack[1:])
-        output.finish()
+    merge_elementwise(models, out, keys, lambda stack: stack[0] + scaling_factor * largest_magnitude(stack[1:]), task_vectors=True, desc="MagMax")

@@ -6,7 +6,7 @@ chain of elementwise ops over a chunk that fits in cache runs several times fast
 chain over whole tensors, which is bound by memory bandwidth.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -61,6 +61,22 @@ def aligned_chunks(
         if check_finite and not torch.isfinite(stack.sum()):
             _raise_if_not_finite(sources, names, positions, key)
         yield positions, stack
+
+
+def merge_elementwise(
+    models: Mapping[str, StateDict], out: StateDict, keys: Sequence[str], combine: Callable[[Tensor], Tensor], *, task_vectors: bool, desc: str
+) -> None:
+    """Write combine(stack) into out[key] for every key, chunk by chunk, for merges where each
+    output entry depends only on the models' entries at the same place.
+
+    stack is aligned_chunks' [n_models, width] float32 chunk (rows after the first are task
+    vectors if `task_vectors`), checked for NaN and Inf; combine returns the [width] output.
+    """
+    for key in progress(keys, desc):
+        output = FlatOutput(out[key])
+        for positions, stack in aligned_chunks(models, key, task_vectors=task_vectors, check_finite=True):
+            output[positions] = combine(stack)
+        output.finish()
 
 
 def sampled_task_vectors(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, progress
+from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, merge_elementwise, progress
 from fusion_bench.merging.task_vector_views import TaskVectorView, ZerosView
 from fusion_bench.merging.ties import ties_merge
 from fusion_bench.utils.errors import InputError
@@ -118,15 +118,14 @@ def consensus_task_arithmetic_merge(
 ) -> None:
     """Write θ₀ + λ·(m ⊙ τ_MTL), τ_MTL = Σ_t τ_t and m the consensus of the TALL masks built from
     it, into out[key] for every key: elementwise, so one pass computes it all chunk by chunk."""
+
+    def merge_chunk(stack: Tensor) -> Tensor:
+        multi_task_vector = stack[1:].sum(dim=0)
+        keep = consensus_mask(tall_masks(stack[1:], multi_task_vector, lambdas), consensus_k)
+        return masked_add(stack[0], multi_task_vector, keep, scaling_factor)
+
     models = {"_pretrained_": pretrained, **finetuned}
-    for key in progress(keys, "consensus task arithmetic"):
-        output = FlatOutput(out[key])
-        for positions, stack in aligned_chunks(models, key, task_vectors=True, check_finite=True):
-            theta0, task_vectors = stack[0], stack[1:]
-            multi_task_vector = task_vectors.sum(dim=0)
-            keep = consensus_mask(tall_masks(task_vectors, multi_task_vector, lambdas), consensus_k)
-            output[positions] = masked_add(theta0, multi_task_vector, keep, scaling_factor)
-        output.finish()
+    merge_elementwise(models, out, keys, merge_chunk, task_vectors=True, desc="consensus task arithmetic")
 
 
 def consensus_ties_merge(

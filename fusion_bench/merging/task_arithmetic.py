@@ -2,7 +2,7 @@
 
 from collections.abc import Mapping, Sequence
 
-from fusion_bench.merging.streaming import FlatOutput, StateDict, aligned_chunks, progress
+from fusion_bench.merging.streaming import StateDict, merge_elementwise
 
 
 def task_arithmetic_merge(
@@ -15,8 +15,4 @@ def task_arithmetic_merge(
 ) -> None:
     """Write θ₀ + λ·Σ_t τ_t into out[key] for every key, chunk by chunk."""
     models = {"_pretrained_": pretrained, **finetuned}
-    for key in progress(keys, "task arithmetic"):
-        output = FlatOutput(out[key])
-        for positions, stack in aligned_chunks(models, key, task_vectors=True, check_finite=True):
-            output[positions] = stack[0] + scaling_factor * stack[1:].sum(dim=0)
-        output.finish()
+    merge_elementwise(models, out, keys, lambda stack: stack[0] + scaling_factor * stack[1:].sum(dim=0), task_vectors=True, desc="task arithmetic")
