@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from reference_pools import as_modules, record_pool
 from safetensors.torch import save_file
 from torch import nn
 
@@ -96,26 +97,15 @@ def make_pool(kind: str, generator: torch.Generator) -> dict[str, dict[str, torc
     return pool
 
 
-def as_modules(pool):
-    modules = {}
-    for name, state_dict in pool.items():
-        module = make_module()
-        module.load_state_dict(state_dict)
-        modules[name] = module
-    return modules
-
-
 def main():
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(20250301)
     tensors, cases = {}, []
     for kind in ("normal", "lowrank"):
         pool = make_pool(kind, generator)
-        for name, state_dict in pool.items():
-            for key, value in state_dict.items():
-                tensors[f"input/{kind}/{name}/{key}"] = value.clone()
+        record_pool(tensors, kind, pool)
         for method, params in CASES:
-            merged = CLASSES[method](**copy.deepcopy(params)).run(BaseModelPool(as_modules(pool)))
+            merged = CLASSES[method](**copy.deepcopy(params)).run(BaseModelPool(as_modules(pool, make_module)))
             case = f"{kind}/{method}/" + ",".join(f"{k}={v}" for k, v in params.items())
             cases.append({"case": case, "pool": kind, "method": method, "params": params})
             outputs = merged.items() if isinstance(merged, dict) else [(None, merged)]

@@ -4,7 +4,7 @@ Run it with the reference's own python (it needs transformers<5, so it lives in 
 
     $(../shared/tools/reference-venv.sh) scripts/make_reference_fixtures.py
 
-It writes tests/data/reference_merges.safetensors: the input models ("input/<model>/<key>") and the
+It writes tests/data/reference_merges.safetensors: the input models ("input/<pool>/<model>/<key>") and the
 reference's merged weights ("output/<case>/<key>"), with the cases described in the metadata.
 tests/test_reference_equality.py checks that fusion_bench reproduces every case.
 """
@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import torch
+from reference_pools import as_modules, record_pool
 from safetensors.torch import save_file
 from torch import nn
 
@@ -49,23 +50,12 @@ def make_pool(kind: str, generator: torch.Generator) -> dict[str, dict[str, torc
     return pool
 
 
-def as_modules(pool):
-    modules = {}
-    for name, state_dict in pool.items():
-        module = make_module()
-        module.load_state_dict(state_dict)
-        modules[name] = module
-    return modules
-
-
 def main():
     generator = torch.Generator().manual_seed(20231123)
     tensors, cases = {}, []
     for kind in ("normal", "ties"):
         pool = make_pool(kind, generator)
-        for name, state_dict in pool.items():
-            for key, value in state_dict.items():
-                tensors[f"input/{kind}/{name}/{key}"] = value.clone()
+        record_pool(tensors, kind, pool)
         runs = [("simple_average", {}, lambda p: SimpleAverageAlgorithm().run(p))]
         runs.append(("task_arithmetic", {"scaling_factor": 0.3}, lambda p: TaskArithmeticAlgorithm(scaling_factor=0.3).run(p)))
         for merge_func in ("sum", "mean", "max"):
@@ -73,7 +63,7 @@ def main():
                 params = {"scaling_factor": 0.7, "threshold": threshold, "merge_func": merge_func}
                 runs.append(("ties_merging", params, lambda p, params=params: TiesMergingAlgorithm(remove_keys=[], **params).run(p)))
         for method, params, run in runs:
-            merged = run(as_modules(pool)).state_dict()
+            merged = run(as_modules(pool, make_module)).state_dict()
             case = f"{kind}/{method}/" + ",".join(f"{k}={v}" for k, v in params.items())
             cases.append({"case": case, "pool": kind, "method": method, "params": params})
             for key, value in merged.items():

@@ -1,14 +1,12 @@
 """DARE (three variants) and Model Breadcrumbs: the reference's recorded merges where it is
 deterministic, reproducible masks, the drop's statistics, and dense oracles of the equations."""
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from torch import nn
 
 import fusion_bench.merging.streaming as streaming
@@ -18,40 +16,14 @@ from fusion_bench.method import DareSimpleAverage, DareTaskArithmetic, DareTiesM
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import instantiate_checked
 from tests import oracles
+from tests.recorded_merges import RecordedMerges, as_modules, data_free_fixture_module
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "data" / "reference_data_free_merges.safetensors"
 DARE_METHODS = {"DareSimpleAverage": DareSimpleAverage, "DareTaskArithmetic": DareTaskArithmetic, "DareTiesMerging": DareTiesMerging}
 
 
-def make_module() -> nn.Module:  # the architecture in scripts/make_reference_data_free_fixtures.py
-    return nn.Sequential(nn.Linear(24, 16), nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 8, bias=False))
-
-
-with safe_open(FIXTURES, "pt") as _file:  # 300 kB
-    CASES = [case for case in json.loads(_file.metadata()["cases"]) if case["method"] in DARE_METHODS]
-    TENSORS = {key: _file.get_tensor(key) for key in _file.keys()}
-
-
-def state_dicts_of(kind: str) -> dict[str, dict[str, torch.Tensor]]:
-    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in TENSORS.items():
-        if key.startswith(f"input/{kind}/"):
-            _, _, name, parameter = key.split("/", 3)
-            state_dicts.setdefault(name, {})[parameter] = value
-    return state_dicts
-
-
-def as_modules(state_dicts, make=make_module) -> dict[str, nn.Module]:
-    modules = {}
-    for name, state_dict in state_dicts.items():
-        modules[name] = make()
-        modules[name].load_state_dict(state_dict)
-    return modules
-
-
-def pool_of(kind: str = "normal") -> dict[str, nn.Module]:
-    return as_modules(state_dicts_of(kind))
+RECORDED = RecordedMerges("reference_data_free_merges.safetensors", data_free_fixture_module, DARE_METHODS)
+CASES = RECORDED.cases
 
 
 def merged_state(method, pool) -> dict[str, torch.Tensor]:
@@ -68,9 +40,11 @@ def assert_close(actual, expected, tolerance=1e-6):
 
 @pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
 def test_matches_reference_without_dropping(case):
-    merged = merged_state(DARE_METHODS[case["method"]](**case["params"]), pool_of(case["pool"]))
+    merged = merged_state(DARE_METHODS[case["method"]](**case["params"]), RECORDED.pool(case["pool"]))
+    expected = RECORDED.output(case)
+    assert set(merged) == set(expected)
     for key, value in merged.items():
-        assert (value - TENSORS[f"output/{case['case']}/{key}"]).abs().max().item() <= 1e-5, key
+        assert (value - expected[key]).abs().max().item() <= 1e-5, key
 
 
 def test_fixtures_hold_every_dare_variant():
@@ -114,7 +88,7 @@ def test_mask_seed_is_a_stable_hash():
 
 
 def test_same_seed_same_merge_other_seed_another():
-    pool = pool_of()
+    pool = RECORDED.pool("normal")
     for method in (DareTaskArithmetic, DareTiesMerging):
         first = merged_state(method(sparsity_ratio=0.5, seed=3), pool)
         assert all(torch.equal(first[key], value) for key, value in merged_state(method(sparsity_ratio=0.5, seed=3), pool).items())
@@ -123,7 +97,7 @@ def test_same_seed_same_merge_other_seed_another():
 
 
 def test_seed_null_takes_torch_initial_seed():
-    pool = pool_of()
+    pool = RECORDED.pool("normal")
     with torch.random.fork_rng():
         torch.manual_seed(11)
         from_torch = merged_state(DareTaskArithmetic(sparsity_ratio=0.5), pool)
@@ -188,27 +162,27 @@ def plus_pretrained(merged_task_vector, pretrained):
 @pytest.mark.parametrize("kind", ["normal", "lowrank"])
 @pytest.mark.parametrize("rescale", [True, False])
 def test_dare_task_arithmetic_and_simple_average_equal_the_oracle(kind, rescale):
-    state_dicts = state_dicts_of(kind)
+    state_dicts = RECORDED.state_dicts(kind)
     zeros, task_vectors = dropped(state_dicts, seed=2, sparsity_ratio=0.3, rescale=rescale)
     keys = list(zeros)
     for method, scaling in ((DareTaskArithmetic(scaling_factor=0.7, sparsity_ratio=0.3, rescale=rescale, seed=2), 0.7), (DareSimpleAverage(sparsity_ratio=0.3, rescale=rescale, seed=2), 1 / 4)):
         expected = plus_pretrained(oracles.task_arithmetic(zeros, task_vectors, keys, scaling_factor=scaling), state_dicts["_pretrained_"])
-        assert_close(merged_state(method, as_modules(state_dicts)), expected)
+        assert_close(merged_state(method, as_modules(state_dicts, data_free_fixture_module)), expected)
 
 
 @pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 @pytest.mark.parametrize(("threshold", "trim_scope"), [(20, "global"), (60, "global"), (5, "global"), (20, "tensor")])
 def test_dare_ties_equals_the_oracle_on_the_dropped_task_vectors(merge_func, threshold, trim_scope):
-    state_dicts = state_dicts_of("normal")
+    state_dicts = RECORDED.state_dicts("normal")
     zeros, task_vectors = dropped(state_dicts, seed=9, sparsity_ratio=0.5)
     params = {"scaling_factor": 0.5, "threshold": threshold, "merge_func": merge_func, "trim_scope": trim_scope}
     expected = plus_pretrained(oracles.ties(zeros, task_vectors, list(zeros), **params), state_dicts["_pretrained_"])
-    assert_close(merged_state(DareTiesMerging(sparsity_ratio=0.5, seed=9, **params), as_modules(state_dicts)), expected)
+    assert_close(merged_state(DareTiesMerging(sparsity_ratio=0.5, seed=9, **params), as_modules(state_dicts, data_free_fixture_module)), expected)
 
 
 def test_dare_ties_remove_keys_stay_pretrained():
-    state_dicts = state_dicts_of("normal")
-    merged = merged_state(DareTiesMerging(sparsity_ratio=0.5, seed=1, remove_keys=["2.weight"]), as_modules(state_dicts))
+    state_dicts = RECORDED.state_dicts("normal")
+    merged = merged_state(DareTiesMerging(sparsity_ratio=0.5, seed=1, remove_keys=["2.weight"]), as_modules(state_dicts, data_free_fixture_module))
     assert torch.equal(merged["2.weight"], state_dicts["_pretrained_"]["2.weight"])
     zeros, task_vectors = dropped(state_dicts, seed=1, sparsity_ratio=0.5)
     keys = [key for key in zeros if key != "2.weight"]
@@ -217,8 +191,8 @@ def test_dare_ties_remove_keys_stay_pretrained():
 
 
 def test_only_on_linear_weights_leaves_other_entries_undropped():
-    state_dicts = state_dicts_of("normal")
-    pool = as_modules(state_dicts)
+    state_dicts = RECORDED.state_dicts("normal")
+    pool = as_modules(state_dicts, data_free_fixture_module)
     only_linear = merged_state(DareTaskArithmetic(sparsity_ratio=0.5, only_on_linear_weights=True, seed=4), pool)
     everywhere = merged_state(DareTaskArithmetic(sparsity_ratio=0.5, seed=4), pool)
     linear_weights = ["0.weight", "2.weight", "3.weight"]
@@ -258,8 +232,8 @@ def breadcrumbs_oracle(state_dicts, *, density, gamma, scaling_factor):
 @pytest.mark.parametrize("kind", ["normal", "lowrank"])
 @pytest.mark.parametrize(("density", "gamma"), [(0.9, 0.01), (0.5, 0.1), (0.3, 0.7), (1.0, 0.0), (0.05, 0.0), (0.8, 0.05)])
 def test_breadcrumbs_equals_the_oracle(kind, density, gamma):
-    state_dicts = state_dicts_of(kind)
-    merged = merged_state(ModelBreadcrumbs(density=density, gamma=gamma, scaling_factor=0.6), as_modules(state_dicts))
+    state_dicts = RECORDED.state_dicts(kind)
+    merged = merged_state(ModelBreadcrumbs(density=density, gamma=gamma, scaling_factor=0.6), as_modules(state_dicts, data_free_fixture_module))
     assert_close(merged, breadcrumbs_oracle(state_dicts, density=density, gamma=gamma, scaling_factor=0.6))
 
 
@@ -314,15 +288,15 @@ def test_bad_hyper_parameters_fail_in_the_constructor(method, params, fragment):
 
 @pytest.mark.parametrize("method", [DareTaskArithmetic(sparsity_ratio=0.9, seed=0), DareTiesMerging(seed=0), ModelBreadcrumbs(density=0.5, gamma=0.1)])
 def test_nan_in_a_task_model_is_named_even_where_it_would_be_dropped(method):
-    state_dicts = state_dicts_of("normal")
+    state_dicts = RECORDED.state_dicts("normal")
     state_dicts["task2"]["0.weight"] = state_dicts["task2"]["0.weight"].clone()
     state_dicts["task2"]["0.weight"][0] = float("nan")  # a whole row: some entries of it are dropped, some kept
     with pytest.raises(InputError, match="'task2' has NaN or Inf"):
-        method.run(as_modules(state_dicts))
+        method.run(as_modules(state_dicts, data_free_fixture_module))
 
 
 def test_a_pool_without_pretrained_model_is_refused():
-    pool = pool_of()
+    pool = RECORDED.pool("normal")
     del pool["_pretrained_"]
     for method in (DareSimpleAverage(), DareTaskArithmetic(), DareTiesMerging(), ModelBreadcrumbs()):
         with pytest.raises(InputError, match="_pretrained_"):

@@ -10,13 +10,11 @@ vectors LAPACK picks from rounding noise: the reference itself then differed by 
 two machines). Both pools match to 2.4e-7.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from torch import nn
 
 from fusion_bench.merging.isotropic import iso_c_merge, iso_cts_dimensions, iso_cts_merge
@@ -31,44 +29,21 @@ from fusion_bench.method import (
 from fusion_bench.models.per_task_models import PerTaskModels
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import instantiate_checked
+from tests.recorded_merges import RecordedMerges, data_free_fixture_module
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "data" / "reference_data_free_merges.safetensors"
 METHODS = {"TaskSingularVectorMerging": TaskSingularVectorMerging, "ISO_C_Merge": ISO_C_Merge, "ISO_CTS_Merge": ISO_CTS_Merge}
 TOLERANCE = 1e-5
 
 
-def make_module() -> nn.Module:  # the architecture in scripts/make_reference_data_free_fixtures.py
-    return nn.Sequential(nn.Linear(24, 16), nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 8, bias=False))
+RECORDED = RecordedMerges("reference_data_free_merges.safetensors", data_free_fixture_module, METHODS)
+CASES = RECORDED.cases
 
 
-def load_fixtures():
-    with safe_open(FIXTURES, "pt") as f:
-        cases = [case for case in json.loads(f.metadata()["cases"]) if case["method"] in METHODS]
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
-    return cases, tensors
-
-
-CASES, TENSORS = load_fixtures()
-
-
-def pool_of(kind: str) -> dict[str, nn.Module]:
-    state_dicts: dict[str, dict] = {}
-    for key, value in TENSORS.items():
-        if key.startswith(f"input/{kind}/"):
-            _, _, name, parameter = key.split("/", 3)
-            state_dicts.setdefault(name, {})[parameter] = value
-    pool = {}
-    for name, state_dict in state_dicts.items():
-        pool[name] = make_module()
-        pool[name].load_state_dict(state_dict)
-    return pool
-
-
-def assert_matches(model: nn.Module, prefix: str) -> None:
+def assert_matches(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
+    assert set(model.state_dict()) == set(expected)
     for key, value in model.state_dict().items():
-        expected = TENSORS[prefix + key]
-        assert (value - expected).abs().max().item() <= TOLERANCE, prefix + key
+        assert (value - expected[key]).abs().max().item() <= TOLERANCE, key
 
 
 # ---------------------------------------------------------------- the reference's recorded merges
@@ -85,13 +60,13 @@ def test_matches_reference(case):
     if params.pop("return_single_task_models", False):
         # the reference returns the task models and "merged"; ours returns the task models, and the
         # merged model comes from return_single_task_models=false
-        models = METHODS[case["method"]](**params, return_single_task_models=True).run(pool_of(case["pool"]))
+        models = METHODS[case["method"]](**params, return_single_task_models=True).run(RECORDED.pool(case["pool"]))
         assert isinstance(models, PerTaskModels) and list(models) == ["task0", "task1", "task2", "task3"]
         for name in models:
-            assert_matches(models[name], f"output/{case['case']}/{name}/")
-        assert_matches(METHODS[case["method"]](**params).run(pool_of(case["pool"])), f"output/{case['case']}/merged/")
+            assert_matches(models[name], RECORDED.output(case, name))
+        assert_matches(METHODS[case["method"]](**params).run(RECORDED.pool(case["pool"])), RECORDED.output(case, "merged"))
     else:
-        assert_matches(METHODS[case["method"]](**params).run(pool_of(case["pool"])), f"output/{case['case']}/")
+        assert_matches(METHODS[case["method"]](**params).run(RECORDED.pool(case["pool"])), RECORDED.output(case))
 
 
 # ---------------------------------------------------------------- dense oracles (float64)
@@ -223,7 +198,7 @@ def test_iso_cts_with_everything_common_is_iso_c():
 
 def small_pool(n_tasks: int = 3, seed: int = 0) -> dict[str, nn.Module]:
     torch.manual_seed(seed)
-    return {"_pretrained_": make_module(), **{f"task{t}": make_module() for t in range(n_tasks)}}
+    return {"_pretrained_": data_free_fixture_module(), **{f"task{t}": data_free_fixture_module() for t in range(n_tasks)}}
 
 
 def task_vectors_of(pool, key):

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors import safe_open
 from torch import nn
 
 import fusion_bench.merging.streaming as streaming
@@ -19,41 +18,14 @@ from fusion_bench.modelpool.base import BaseModelPool
 from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import instantiate_checked
 from tests.conftest import assert_one_line_error, run_cli, write_pool_config
+from tests.recorded_merges import RecordedMerges, as_modules, data_free_fixture_module
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "data" / "reference_data_free_merges.safetensors"
 METHODS = {"WUDIMerging": WUDIMerging, "MagMaxAlgorithm": MagMaxAlgorithm, "WeightedAverageAlgorithm": WeightedAverageAlgorithm}
 
 
-def make_module() -> nn.Module:  # the architecture of scripts/make_reference_data_free_fixtures.py
-    return nn.Sequential(nn.Linear(24, 16), nn.LayerNorm(16), nn.Linear(16, 32), nn.Linear(32, 8, bias=False))
-
-
-def load_fixtures():
-    with safe_open(FIXTURES, "pt") as f:
-        cases = [case for case in json.loads(f.metadata()["cases"]) if case["method"] in METHODS]
-        tensors = {key: f.get_tensor(key) for key in f.keys() if key.startswith("input/") or key.split("/")[2] in METHODS}
-    return cases, tensors
-
-
-CASES, TENSORS = load_fixtures()
-
-
-def modules_of(state_dicts: dict[str, dict[str, torch.Tensor]], make=make_module) -> dict[str, nn.Module]:
-    pool = {}
-    for name, state_dict in state_dicts.items():
-        pool[name] = make()
-        pool[name].load_state_dict(state_dict)
-    return pool
-
-
-def recorded_pool(kind: str) -> dict[str, nn.Module]:
-    state_dicts: dict[str, dict] = {}
-    for key, value in TENSORS.items():
-        if key.startswith(f"input/{kind}/"):
-            _, _, name, parameter = key.split("/", 3)
-            state_dicts.setdefault(name, {})[parameter] = value
-    return modules_of(state_dicts)
+RECORDED = RecordedMerges("reference_data_free_merges.safetensors", data_free_fixture_module, METHODS)
+CASES = RECORDED.cases
 
 
 def state_dicts_of(pool: dict[str, nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
@@ -71,10 +43,8 @@ def max_difference(merged: nn.Module, expected: dict[str, torch.Tensor]) -> floa
 
 @pytest.mark.parametrize("case", CASES, ids=[case["case"] for case in CASES])
 def test_matches_reference(case):
-    merged = METHODS[case["method"]](**case["params"]).run(recorded_pool(case["pool"]))
-    prefix = f"output/{case['case']}/"
-    expected = {key[len(prefix) :]: value for key, value in TENSORS.items() if key.startswith(prefix)}
-    assert max_difference(merged, expected) <= 1e-5
+    merged = METHODS[case["method"]](**case["params"]).run(RECORDED.pool(case["pool"]))
+    assert max_difference(merged, RECORDED.output(case)) <= 1e-5
 
 
 def test_fixtures_cover_both_pools_and_every_setting():
@@ -144,7 +114,7 @@ def test_a_task_that_left_a_matrix_unchanged_is_left_out_of_its_loss():
 
 def test_wudi_pool_iter_num_0_excluded_and_vectors():
     """θ₀ + Σ_t τ_t on the matrices at iter_num 0, θ₀ + mean τ_t on the rest and on exclude_keys."""
-    pool = recorded_pool("normal")
+    pool = RECORDED.pool("normal")
     state = state_dicts_of(pool)
     theta0 = state.pop("_pretrained_")
     tau = {key: torch.stack([model[key] - theta0[key] for model in state.values()]) for key in theta0}
@@ -181,7 +151,7 @@ def test_wudi_excludes_a_tied_tensor_under_either_name():
 def exact_pool(seed: int, tasks: int = 4) -> dict[str, dict[str, torch.Tensor]]:
     """Values on a grid of 2⁻⁸, so that θ_t − θ₀ is exact and magnitudes tie often."""
     generator = torch.Generator().manual_seed(seed)
-    shapes = {key: value.shape for key, value in make_module().state_dict().items()}
+    shapes = {key: value.shape for key, value in data_free_fixture_module().state_dict().items()}
     grid = lambda shape, size: torch.randint(-size, size + 1, shape, generator=generator).float() / 256  # noqa: E731
     theta0 = {key: grid(shape, 256) for key, shape in shapes.items()}
     pool = {"_pretrained_": theta0}
@@ -215,7 +185,7 @@ def test_magmax_is_the_fold_with_ties(monkeypatch, chunk_elements):
     tau = [model["2.weight"] - state_dicts["_pretrained_"]["2.weight"] for name, model in state_dicts.items() if name != "_pretrained_"]
     magnitudes = torch.stack(tau).abs()
     assert ((magnitudes == magnitudes.max(dim=0).values).sum(dim=0) > 1).float().mean() > 0.3  # ties are common
-    pool = modules_of(state_dicts)
+    pool = as_modules(state_dicts, data_free_fixture_module)
     merged = MagMaxAlgorithm(scaling_factor=0.6).run(pool)
     assert max_difference(merged, magmax_oracle(state_dicts, 0.6)) == 0
     assert all(torch.equal(value, pool[name].state_dict()[key]) for name, model in state_dicts.items() for key, value in model.items())
@@ -235,7 +205,7 @@ def test_weighted_average(monkeypatch, chunk_elements, normalize):
     state_dicts = exact_pool(6, tasks=3)
     del state_dicts["_pretrained_"]  # not needed, and not averaged
     weights = [0.5, -1.0, 3.0]
-    merged = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(modules_of(state_dicts))
+    merged = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(as_modules(state_dicts, data_free_fixture_module))
     used = [w / sum(weights) for w in weights] if normalize else weights
     assert max_difference(merged, weighted_oracle(state_dicts, used)) <= 1e-6
 
@@ -253,13 +223,13 @@ def test_untouched_tensors_merge_as_if_read(normalize):
     for name in ("task0", "task1", "task2"):
         state_dicts[name]["1.bias"] = state_dicts["_pretrained_"]["1.bias"].clone()
     weights = [1.0, 2.0, 4.0]
-    merged = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(PoolWithUntouched(modules_of(state_dicts))).state_dict()
-    read = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(modules_of(state_dicts)).state_dict()
+    merged = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(PoolWithUntouched(as_modules(state_dicts, data_free_fixture_module))).state_dict()
+    read = WeightedAverageAlgorithm(normalize=normalize, weights=weights).run(as_modules(state_dicts, data_free_fixture_module)).state_dict()
     assert all(torch.allclose(merged[key], read[key], rtol=0, atol=1e-6) for key in merged)
     assert torch.equal(merged["1.bias"], state_dicts["_pretrained_"]["1.bias"] * (1 if normalize else 7))
     for method in (MagMaxAlgorithm(), WUDIMerging(iter_num=3)):
-        merged = method.run(PoolWithUntouched(modules_of(state_dicts))).state_dict()
-        read = method.run(modules_of(state_dicts)).state_dict()
+        merged = method.run(PoolWithUntouched(as_modules(state_dicts, data_free_fixture_module))).state_dict()
+        read = method.run(as_modules(state_dicts, data_free_fixture_module)).state_dict()
         assert all(torch.equal(merged[key], read[key]) for key in merged)
 
 
@@ -289,7 +259,7 @@ def test_configs_build_fusionbench_defaults():
     assert (magmax.scaling_factor, magmax.inplace) == (0.5, True)
     assert (weighted.normalize, weighted.weights, weighted.verbose) == (True, [0.5, 0.5], True)
     with pytest.raises(InputError) as error:
-        weighted.run(recorded_pool("normal"))
+        weighted.run(RECORDED.pool("normal"))
     assert str(error.value) == (
         "weights lists 2 numbers but the pool has 4 task models (task0, task1, task2, task3); "
         "give one weight per model, in that order, e.g. method.weights=[1,1,1,1]"
@@ -338,14 +308,14 @@ def test_bad_hyper_parameters_are_refused_by_the_constructor(method, params, mes
 
 def test_bad_pools_are_refused_before_merging():
     cases = [
-        (WUDIMerging(exclude_keys=["0.wieght"]), recorded_pool("normal"), "exclude_keys names '0.wieght', which is not a key of model '_pretrained_'"),
+        (WUDIMerging(exclude_keys=["0.wieght"]), RECORDED.pool("normal"), "exclude_keys names '0.wieght', which is not a key of model '_pretrained_'"),
         (
             WUDIMerging(),
             {name: layer_norms_only() for name in ("_pretrained_", "a", "b")},
             "WUDI optimises 2-D weights and the pool has none; on the other tensors it is the mean task vector, which is simple averaging: use method=simple_average",
         ),
-        (WUDIMerging(exclude_keys=["0.weight", "2.weight", "3.weight"]), recorded_pool("normal"), "exclude_keys names all its 2-D weights"),
-        (WeightedAverageAlgorithm(normalize=False, weights=[1, 2, 3]), recorded_pool("normal"), "weights lists 3 numbers but the pool has 4 task models"),
+        (WUDIMerging(exclude_keys=["0.weight", "2.weight", "3.weight"]), RECORDED.pool("normal"), "exclude_keys names all its 2-D weights"),
+        (WeightedAverageAlgorithm(normalize=False, weights=[1, 2, 3]), RECORDED.pool("normal"), "weights lists 3 numbers but the pool has 4 task models"),
     ]
     for method, pool, message in cases:
         with pytest.raises(InputError) as error:
@@ -356,5 +326,5 @@ def test_bad_pools_are_refused_before_merging():
 def test_weights_that_sum_to_zero_are_fine_without_normalize():
     state_dicts = exact_pool(8, tasks=2)
     del state_dicts["_pretrained_"]
-    merged = WeightedAverageAlgorithm(normalize=False, weights=[1, -1]).run(modules_of(state_dicts))
+    merged = WeightedAverageAlgorithm(normalize=False, weights=[1, -1]).run(as_modules(state_dicts, data_free_fixture_module))
     assert max_difference(merged, weighted_oracle(state_dicts, [1, -1])) == 0
