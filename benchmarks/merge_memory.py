@@ -20,9 +20,10 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from process_measurement import measure, warm_page_cache  # benchmarks/, the script's own folder
 
 from fusion_bench.utils.cache import cache_dir
 
@@ -86,33 +87,13 @@ def write_pool(root: Path) -> dict[str, Path]:
     return folders
 
 
-def warm_page_cache(folders: dict[str, Path]) -> None:
-    for folder in folders.values():
-        with open(folder / "model.safetensors", "rb") as file:
-            while file.read(1 << 26):
-                pass
-
-
 def median_of(repeats: int, folders: dict[str, Path], run) -> tuple[float, float]:
     """Median seconds and median peak RSS of `repeats` calls of run(), each from a warm page cache."""
     results = []
     for _ in range(repeats):
-        warm_page_cache(folders)
+        warm_page_cache(folder / "model.safetensors" for folder in folders.values())
         results.append(run())
     return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
-
-
-def measure(command: list[str], env: dict | None = None) -> tuple[float, float]:
-    """Wall seconds and peak RSS (GiB) of one fresh process (os.wait4 reports that child alone)."""
-    with tempfile.TemporaryFile("w+") as output:
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(process.pid, 0)
-        seconds = time.perf_counter() - start
-        if status != 0:
-            output.seek(0)
-            raise RuntimeError(f"{' '.join(command)} failed:\n{output.read()[-5000:]}")
-    return seconds, usage.ru_maxrss / 2**20
 
 
 def ours(method: str, folders: dict[str, Path], workdir: Path, save_to: Path | None = None) -> tuple[float, float]:

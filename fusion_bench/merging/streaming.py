@@ -108,15 +108,15 @@ def _raise_if_not_finite(sources: Sequence[Tensor], names: Sequence[str], positi
 
 
 class FlatOutput:
-    """The flat view of an output tensor that results are written into (a copy if not contiguous,
-    written back by finish())."""
+    """The flat view of an output tensor that results are written into, in the tensor's dtype (a
+    copy if not contiguous, written back by finish())."""
 
     def __init__(self, target: Tensor):
         self.target = target
         self.flat = target.view(-1) if target.is_contiguous() else target.flatten()
 
     def __setitem__(self, positions: slice | Tensor, values: Tensor) -> None:
-        self.flat[positions] = values
+        self.flat[positions] = values.to(self.flat.dtype)  # float32 math into a bf16 model, say
 
     def finish(self) -> None:
         if not self.target.is_contiguous():

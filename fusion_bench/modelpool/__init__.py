@@ -10,6 +10,7 @@ from fusion_bench.utils.lazy_exports import lazy_exports
 _MODULES = {
     "AutoModelPool": "huggingface",
     "BaseModelPool": "base",
+    "CausalLMPool": "causal_lm",
     "CLIPVisionModelPool": "clip_vision",
     "LazyStateDict": "lazy_state_dict",
     "OfflineTextPool": "offline_text",

@@ -3,14 +3,14 @@ read lazily where possible."""
 
 import json
 import pickle
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import get_class
+from hydra.utils import get_class, instantiate
 from safetensors import SafetensorError
 from torch import nn
 
@@ -20,6 +20,7 @@ from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsSta
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
 from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, weights_only_refusal
 from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.instantiation import plain
 
 _HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.*", "*.model", "merges.txt")
@@ -70,7 +71,11 @@ class AutoModelPool(BaseModelPool):
             return model
         _require_config(name, path)
         with _named_load_errors(name, path):
-            return self.model_class.from_pretrained(path)
+            return self.model_class.from_pretrained(path, **self.from_pretrained_kwargs())
+
+    def from_pretrained_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for model_class.from_pretrained (a dtype, say); none by default."""
+        return {}
 
     def prepare(self) -> None:
         """Fetch (hub ids) or find (paths) every model before merging: a missing one fails here,
@@ -173,6 +178,32 @@ class AutoModelPool(BaseModelPool):
 
                 return cls.from_config(AutoConfig.from_pretrained(folder))
             return cls(cls.config_class.from_pretrained(folder))
+
+
+def with_base_model(models: Mapping[str, Any], base_model: str | None, key: str) -> dict[str, Any]:
+    """`models` with `_pretrained_` filled from FusionBench's pool-level key for the base model
+    (`key`: base_model, pretrained_model_name_or_path), which must agree with it if both are given."""
+    models = dict(models)
+    if base_model is not None:
+        pretrained = models.setdefault(PRETRAINED, base_model)
+        if isinstance(pretrained, str) and pretrained != base_model:
+            raise InputError(f"{key} is {base_model!r} but models.{PRETRAINED} is {pretrained!r}; both name the base model, so give one of them, or the same model to both")
+    return models
+
+
+def load_tokenizer_spec(spec: Any, default: Callable[[], Path]) -> Any:
+    """A pool's `tokenizer` key: an id or path for AutoTokenizer, or a config with `_target_`
+    (FusionBench's `AutoTokenizer.from_pretrained` entries); None takes the folder `default()`."""
+    from transformers import AutoTokenizer
+
+    spec = plain(spec)
+    if isinstance(spec, Mapping):
+        return instantiate(spec)
+    source = spec if spec is not None else default()
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as error:
+        raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({first_line(error)}); check the `tokenizer` key") from None
 
 
 def _require_config(name: str, folder: Path) -> None:

@@ -6,16 +6,15 @@ from functools import cached_property
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED
 from fusion_bench.modelpool.glue_task_data import glue_entry, glue_task_data
-from fusion_bench.modelpool.huggingface import AutoModelPool
+from fusion_bench.modelpool.huggingface import AutoModelPool, load_tokenizer_spec, with_base_model
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict
 from fusion_bench.modelpool.lora import LoraAdapter, LoraStateDict, is_adapter
 from fusion_bench.modelpool.task_data import TaskData, check_data_request
-from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
 
 MERGE_SPACES = ("dense", "delta")
@@ -54,13 +53,7 @@ class Seq2SeqLMPool(AutoModelPool):
         dataset_path: str = "glue",
     ):
         models = {name: _plain_entry(name, spec) for name, spec in models.items()}
-        if base_model is not None:
-            pretrained = models.setdefault(PRETRAINED, base_model)
-            if isinstance(pretrained, str) and pretrained != base_model:
-                raise InputError(
-                    f"base_model is {base_model!r} but models.{PRETRAINED} is {pretrained!r}; LoRA adapters apply to "
-                    f"{PRETRAINED}, so give one of them, or the same model to both"
-                )
+        models = with_base_model(models, base_model, "base_model")
         for name, spec in models.items():
             if isinstance(spec, Mapping) and "peft_model_path" in spec:
                 if spec.get("base_model_path", models.get(PRETRAINED)) != models.get(PRETRAINED):
@@ -149,16 +142,7 @@ class Seq2SeqLMPool(AutoModelPool):
 
     def load_tokenizer(self):
         """The tokenizer given as `tokenizer`, else the base model's."""
-        from transformers import AutoTokenizer
-
-        spec = plain(self._tokenizer)
-        if isinstance(spec, Mapping):
-            return instantiate(spec)
-        source = spec if spec is not None else self.model_path(PRETRAINED)
-        try:
-            return AutoTokenizer.from_pretrained(source)
-        except (OSError, ValueError) as error:
-            raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({first_line(error)}); check the `tokenizer` key") from None
+        return load_tokenizer_spec(self._tokenizer, lambda: self.model_path(PRETRAINED))
 
     @cached_property
     def _pretrained_state_dict(self) -> LazyStateDict:
