@@ -10,8 +10,10 @@ from fusion_bench.utils.lazy_exports import lazy_exports
 _MODULES = {
     "BaseTaskPool": "base",
     "CLIPVisionModelTaskPool": "clip_vision",
+    "CausalLMPerplexityTaskPool": "perplexity",
     "DummyTaskPool": "dummy",
     "FlanT5GLUETextGenerationTaskPool": "flan_t5_glue",
+    "LMEvalHarnessTaskPool": "lm_eval_harness",
     "TextClassificationTaskPool": "text_classification",
 }
 __all__ = list(_MODULES)
