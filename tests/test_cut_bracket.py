@@ -91,11 +91,49 @@ def test_locate_equals_boolean_masks(columns, low_step, width_step, high_is_inf,
     values[:, ::3] = -values[:, ::3]
     low = torch.full((3,), low_step / 4 * scale)
     high = torch.full((3,), float("inf")) if high_is_inf else low + width_step / 4 * scale
-    above, columns_inside = CutBracket(low, high).locate(values)
+    above, at_pivot, columns_inside = CutBracket(low, high).locate(values)
     magnitudes = values.abs()
     assert torch.equal(above.long(), (magnitudes >= high[:, None]).sum(dim=1))
     inside = (magnitudes >= low[:, None]) & (magnitudes < high[:, None]) & (magnitudes > 0)
     assert torch.equal(columns_inside, inside.any(dim=0).nonzero().squeeze(1))
+    assert not at_pivot.any()
+
+
+def majority(values: torch.Tensor) -> torch.Tensor | None:
+    """The value more than half of `values` equal, if there are PIVOT_EVIDENCE of them."""
+    if values.numel() < cut_bracket.PIVOT_EVIDENCE:
+        return None
+    distinct, counts = values.unique(return_counts=True)
+    return distinct[counts.argmax()] if 2 * counts.max() > values.numel() else None
+
+
+@given(
+    columns=st.integers(1, 60),
+    low_step=st.integers(1, 4),
+    width_step=st.integers(1, 3),
+    allowed=st.lists(st.booleans(), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_locate_with_pivots_equals_boolean_masks(columns, low_step, width_step, allowed, seed):
+    """A row's pivot is the value most of its in-bracket entries equal, given enough of them;
+    entries equal to it are counted, not set aside, unless another entry of their column is;
+    trim_cuts is the pivot where there is one."""
+    generator = torch.Generator().manual_seed(seed)
+    values = torch.randint(-8, 9, (3, columns), generator=generator).float() / 8
+    values[:, : columns // 2] = low_step / 8  # a tie at the bracket's bottom, in most rows most of it
+    low, high = torch.full((3,), low_step / 8), torch.full((3,), (low_step + width_step) / 8)
+    bracket = CutBracket(low, high, pivots=torch.tensor(allowed))
+    above, at_pivot, columns_inside = bracket.locate(values)
+    magnitudes = values.abs()
+    inside = (magnitudes >= low[:, None]) & (magnitudes < high[:, None])
+    pivots = [majority(magnitudes[row][inside[row]]) if allowed[row] else None for row in range(3)]
+    equal = torch.stack([magnitudes[row] == pivot if pivot is not None else torch.zeros(columns, dtype=torch.bool) for row, pivot in enumerate(pivots)])
+    set_aside = (inside & ~equal).any(dim=0)
+    assert torch.equal(above.long(), (magnitudes >= high[:, None]).sum(dim=1))
+    assert torch.equal(columns_inside, set_aside.nonzero().squeeze(1))
+    assert torch.equal(at_pivot.long(), (equal & ~set_aside).sum(dim=1))
+    assert [bracket.pivot(row) for row in range(3)] == pivots
+    assert torch.equal(bracket.trim_cuts(), torch.stack([pivot if pivot is not None else high[row] for row, pivot in enumerate(pivots)]))
 
 
 @pytest.mark.parametrize("threshold", [5, 20, 50])

@@ -94,12 +94,15 @@ class CountingStateDict(dict):
         return super().__getitem__(key)
 
 
-def reads_per_tensor(monkeypatch, pretrained, finetuned, **params) -> float:
+def reads_per_tensor(monkeypatch, pretrained, finetuned, keys=tuple(SHAPES), expected=None, **params) -> float:
+    """How many times the merge reads each tensor, after checking its result against `expected`
+    (default: the oracle's)."""
     monkeypatch.setattr(CountingStateDict, "reads", 0)
     counted = [CountingStateDict(model) for model in [pretrained, *finetuned]]
-    out = run_ties(counted[0], counted[1:], **params)
-    assert_close(out, oracles.ties(pretrained, finetuned, list(SHAPES), **params))
-    return CountingStateDict.reads / (len(counted) * len(SHAPES))
+    out = run_ties(counted[0], counted[1:], keys=keys, **params)
+    expected = oracles.ties(pretrained, finetuned, list(keys), **params) if expected is None else expected
+    assert_close({key: out[key].float() for key in keys}, {key: expected[key].to(out[key].dtype).float() for key in keys})
+    return CountingStateDict.reads / (len(counted) * len(keys))
 
 
 @pytest.mark.parametrize("threshold", [0.001, 20, 90])
@@ -283,3 +286,53 @@ def test_ties_pools_have_exact_ties_and_zero_sums():
     tau = torch.stack([m["w"] - pretrained["w"] for m in finetuned])
     assert (tau.abs() == 0.25).sum() > 5  # one multiple of 1/8, many times over
     assert ((tau.sum(dim=0) == 0) & (tau != 0).any(dim=0)).any()  # columns that cancel exactly
+
+
+BF16_SHAPES = {"w": (64, 48), "b": (64,), "emb": (40, 48)}
+
+
+def bf16_pool(seed: int, n_tasks: int = 4):
+    """LLM-like: bf16 weights and fine-tunes, so each |τ| is a difference of two bf16 numbers:
+    few distinct values, many tied at the cut."""
+    generator = torch.Generator().manual_seed(seed)
+    pretrained = {key: (0.02 * torch.randn(shape, generator=generator)).bfloat16() for key, shape in BF16_SHAPES.items()}
+    finetuned = [{key: (value.float() + 2e-3 * torch.randn(value.shape, generator=generator)).bfloat16() for key, value in pretrained.items()} for _ in range(n_tasks)]
+    return pretrained, finetuned
+
+
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("threshold", [10, 20, 50])
+def test_bf16_pools_merge_in_one_pass_setting_aside_few_columns(monkeypatch, merge_func, threshold):
+    """A bracket one bucket wide holds one value, tied many times: its entries are kept on a pivot
+    instead of set aside, and the merge is still the oracle's (of the same weights in float32)."""
+    monkeypatch.setattr(cut_bracket, "SAMPLE_EVERY", 1)  # a sample this small must be exact to be one bucket wide
+    set_aside = []
+    deferred = ties_module._Merger.merge_deferred
+    monkeypatch.setattr(ties_module._Merger, "merge_deferred", lambda self, cuts: set_aside.append(self.deferred.size) or deferred(self, cuts))
+    pretrained, finetuned = bf16_pool(seed=threshold)
+    keys = tuple(BF16_SHAPES)
+    params = dict(scaling_factor=0.5, threshold=threshold, merge_func=merge_func)
+    as_float = lambda model: {key: value.float() for key, value in model.items()}  # noqa: E731
+    expected = oracles.ties(as_float(pretrained), [as_float(m) for m in finetuned], list(keys), **params)
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, keys=keys, expected=expected, **params) == 2
+    tau = torch.stack([torch.cat([(m[key].float() - pretrained[key].float()).flatten() for key in keys]) for m in finetuned])
+    cut = tau.abs().sort(dim=1, descending=True).values[:, ties_module.keep_count(tau.shape[1], threshold) - 1]
+    at_cut = (tau.abs() == cut[:, None]).any(dim=0).sum().item()
+    assert at_cut > 50 and set_aside[0] < at_cut / 4  # without pivots, every column with a tie at a cut is set aside
+
+
+@pytest.mark.parametrize("in_bracket, threshold, reads", [
+    ([0.5, 0.25, 0.25, 0.25], 17, 1),  # k = 3: the cut is the pivot, 0.25
+    ([0.5, 0.5, 0.5, 0.25], 26, 1),  # k = 4: the cut, 0.25, lies below the pivot 0.5, whose entries are rightly kept
+    ([0.5, 0.25, 0.25, 0.25], 5, 4),  # k = 1: the cut, 0.5, lies above the pivot 0.25, whose entries were wrongly kept
+])  # fmt: skip
+def test_a_pivot_below_the_cut_falls_back_to_exact_passes(monkeypatch, in_bracket, threshold, reads):
+    """Whatever the cut's place beside the pivot, the merge is exact; only a cut above it costs
+    passes: after the merge pass (the bracket is given, not sampled), two exact ones and the merge
+    pass again."""
+    monkeypatch.setattr(cut_bracket, "PIVOT_EVIDENCE", 1)
+    pretrained, finetuned = {"w": torch.zeros(12)}, [{"w": torch.tensor(in_bracket + [0.125] * 8)}]
+    bracket = CutBracket(torch.tensor([0.25]), torch.tensor([0.75]), pivots=torch.tensor([True]))
+    monkeypatch.setattr(ties_module, "sample_bracket", lambda *args, **kwargs: bracket)
+    params = dict(scaling_factor=1.0, threshold=threshold, merge_func="sum")
+    assert reads_per_tensor(monkeypatch, pretrained, finetuned, keys=("w",), **params) == reads

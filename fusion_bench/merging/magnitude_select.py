@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 _LOW_BITS = 12  # a bucket spans 2**12 float32 values: about 1/2048 of an octave
+BUCKET_WIDTH = 1 << _LOW_BITS  # in bit patterns
 _HIGH_BINS = 1 << (31 - _LOW_BITS)  # |x| has a zero sign bit
 _LOW_BINS = 1 << _LOW_BITS
 _INF_BITS = 0x7F800000  # float32 +inf

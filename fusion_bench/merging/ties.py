@@ -84,7 +84,8 @@ def ties_merge(
         return
     numel = flat_numel(sizes, weights) + zero_entries
     k = keep_count(numel, threshold)
-    if k < numel and _merge_in_one_pass(models, keys, sizes, weights, zero_entries, k, new_merger):
+    output_bytes = sum(out[key].numel() * out[key].element_size() for key in keys)
+    if k < numel and _merge_in_one_pass(models, keys, sizes, weights, zero_entries, k, output_bytes, new_merger):
         return
     # Exact cuts first (threshold 100 needs none, and reads nothing here), then the merge pass.
     selector = _select(models, sizes, weights, zero_entries, threshold, show_progress=True)
@@ -100,19 +101,20 @@ def _merge_in_one_pass(
     weights: Mapping[str, int],
     zero_entries: int,
     k: int,
+    output_bytes: int,
     new_merger: Callable[..., "_Merger"],
 ) -> bool:
     """Merge with a sampled bracket of the cuts, if the columns it sets aside fit the budget;
     False (with `out` partly written) if they do not, or the bracket missed a cut."""
     columns = sum(sizes.values())
-    budget = DEFERRED_FRACTION * 4 * columns
+    budget = DEFERRED_FRACTION * output_bytes
     # Half the budget: room for ties at the cut and for in-bracket entries that cluster by column.
     if _expected_set_aside(expected_inside(sizes, weights), len(models) - 1, columns) > budget / 2:
         return False
     bracket = sample_bracket(models, sizes, weights, zero_entries, k)
     merger = new_merger(bracket=bracket, budget=budget)
     try:
-        merger.merge_keys(models, keys, bracket.high, check_finite=True)
+        merger.merge_keys(models, keys, None, check_finite=True)
     except _BudgetExceeded:
         return False
     cuts = merger.exact_cuts(k)
@@ -223,23 +225,28 @@ class _Merger:
         self.weights, self.elect = weights, elect
         self.bracket, self.budget = bracket, budget
         self.above = torch.zeros(tasks, dtype=torch.int64)  # with a bracket: entries ≥ high, counted
+        self.at_pivot = torch.zeros(tasks, dtype=torch.int64)  # and entries kept for equalling the pivot
         self.sign_total = 0
         self.undecided = _ColumnStore(tasks)  # trimmed sum exactly 0: need the majority sign
         self.deferred = _ColumnStore(tasks)  # an entry inside its task's bracket: need the exact cut
 
-    def merge_keys(self, models: Mapping[str, StateDict], keys: Sequence[str], cuts: Tensor, *, check_finite: bool) -> None:
+    def merge_keys(self, models: Mapping[str, StateDict], keys: Sequence[str], cuts: Tensor | None, *, check_finite: bool) -> None:
+        """Merge every key, trimming at `cuts` (None: at the bracket's)."""
         for key in progress(keys, "TIES merge"):
             self.merge_key(models, key, cuts, check_finite=check_finite)
 
-    def merge_key(self, models: Mapping[str, StateDict], key: str, cuts: Tensor, *, check_finite: bool) -> None:
+    def merge_key(self, models: Mapping[str, StateDict], key: str, cuts: Tensor | None, *, check_finite: bool) -> None:
         output = FlatOutput(self.out[key])
         for positions, stack in aligned_chunks(models, key, task_vectors=True, check_finite=check_finite):
             theta0, task_vectors = stack[0], stack[1:]
-            trimmed = trim(task_vectors, cuts)
             deferred = None
             if self.bracket is not None:
-                above, deferred = self.bracket.locate(task_vectors)
+                above, at_pivot, deferred = self.bracket.locate(task_vectors)
                 self.above += above * self.weights[key]
+                self.at_pivot += at_pivot * self.weights[key]
+                cuts = self.bracket.trim_cuts()  # pivots learnt in this chunk count in it
+            trimmed = trim(task_vectors, cuts)
+            if deferred is not None:
                 if deferred.numel():
                     self.deferred.add(key, deferred + positions.start, theta0[deferred], task_vectors[:, deferred])
                     if self.deferred.nbytes > self.budget:
@@ -255,12 +262,22 @@ class _Merger:
             output.finish()
 
     def exact_cuts(self, k: int) -> Tensor | None:
-        """Each task's k-th largest |τ|, from the count above its bracket and the in-bracket
-        values of the columns set aside; None if a cut lies outside its bracket."""
+        """Each task's k-th largest |τ|, from the count above its bracket, the entries kept for
+        equalling its pivot, and the in-bracket values of the columns set aside; None if a cut lies
+        outside its bracket, or above a pivot whose equals were kept."""
         cuts = []
         for row, (low, high) in enumerate(zip(self.bracket.low, self.bracket.high)):
             rank = k - int(self.above[row])  # of the cut among the in-bracket values, from the top
             inside = self._deferred_magnitudes(row, low, high)
+            kept, pivot = int(self.at_pivot[row]), self.bracket.pivot(row)
+            if kept:
+                greater = int((inside > pivot).sum())
+                if rank <= greater:
+                    return None
+                if rank <= greater + int((inside == pivot).sum()) + kept:
+                    cuts.append(pivot)
+                    continue
+                rank -= kept  # the cut lies below the pivot: rank it among the values set aside
             if 1 <= rank <= inside.numel():
                 cuts.append(inside.kthvalue(inside.numel() - rank + 1).values)
             elif rank > inside.numel() and low == 0 < high:  # the rest of the bracket: zeros
