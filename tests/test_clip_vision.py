@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from datasets import load_dataset
 from hydra import compose, initialize_config_module
 from PIL import Image
@@ -27,6 +28,10 @@ from fusion_bench.utils.instantiation import instantiate_checked
 from tests.clip_fixtures import CLIP_TASKS, IMAGES_PER_TASK, write_clip_configs
 from tests.conftest import run_cli
 
+# transformers' PIL image processing, which FusionBench runs and our batched preprocessing equals: transformers 5
+# defaults to its torchvision backend where torchvision is installed; 4.x has only the PIL one
+PIL_BACKEND = {"backend": "pil"} if hasattr(transformers, "CLIPImageProcessorPil") else {}
+CLIPImageProcessorPil = getattr(transformers, "CLIPImageProcessorPil", transformers.CLIPImageProcessor)
 TA8 = ("sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd")
 
 
@@ -45,9 +50,7 @@ def test_the_eight_tasks_have_clip_class_names_and_templates():
 
 @pytest.mark.parametrize("shortest_edge", [32, 224])
 def test_batched_preprocessing_equals_the_clip_processor(shortest_edge):
-    from transformers import CLIPImageProcessor
-
-    processor = CLIPImageProcessor(size={"shortest_edge": shortest_edge}, crop_size={"height": shortest_edge, "width": shortest_edge})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": shortest_edge}, crop_size={"height": shortest_edge, "width": shortest_edge})
     rng = np.random.default_rng(0)
     images = [
         Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8), mode="L"),
@@ -61,7 +64,7 @@ def test_batched_preprocessing_equals_the_clip_processor(shortest_edge):
     assert ours.dtype == torch.float32 and ours.shape == expected.shape == (4, 3, shortest_edge, shortest_edge)
     torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
     with pytest.raises(InputError, match="CLIP's resize the shortest edge, and only those are supported"):
-        CLIPImageTransform(CLIPImageProcessor(size={"height": 32, "width": 32}))
+        CLIPImageTransform(CLIPImageProcessorPil(size={"height": 32, "width": 32}))
 
 
 def fusion_bench_pool_yaml(world) -> str:
@@ -182,7 +185,7 @@ def merged_tower(world) -> CLIPVisionModel:
 def hand_metrics(world, tower: CLIPVisionModel, task: str, indices: list[int]) -> dict[str, float]:
     """Zero-shot metrics written out as CLIP's paper describes them, with the stock CLIPProcessor, one
     class at a time (as FusionBench computes heads)."""
-    clip, processor = CLIPModel.from_pretrained(world / "clip"), CLIPProcessor.from_pretrained(world / "clip")
+    clip, processor = CLIPModel.from_pretrained(world / "clip"), CLIPProcessor.from_pretrained(world / "clip", **PIL_BACKEND)
     rows = [load_dataset(str(world / "data" / task), split="test")[i] for i in indices]
     pixels = processor(images=[row["image"] for row in rows], return_tensors="pt")["pixel_values"]
     labels = torch.tensor([row["label"] for row in rows])

@@ -14,6 +14,7 @@ _MODULES = {
     "CLIPVisionModelPool": "clip_vision",
     "LazyStateDict": "lazy_state_dict",
     "OfflineTextPool": "offline_text",
+    "OpenCLIPVisionModelPool": "open_clip_vision",
     "Seq2SeqLMPool": "seq2seq_lm",
 }
 __all__ = list(_MODULES)

@@ -49,6 +49,7 @@ import functools
 import pickle
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -180,17 +181,52 @@ _RESTRICTED_PICKLE = SimpleNamespace(Unpickler=_RestrictedUnpickler)  # what tor
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """The state dict of the module (or the plain state dict) pickled in `path`; tensors are
     memory-mapped from the file. Nothing the pickle names is imported or run."""
+    return read_module(path).state_dict
+
+
+@dataclass(frozen=True)
+class PickledModule:
+    """What a pickled module (or a plain state dict) holds, read without running it.
+
+    state_dict: what nn.Module.state_dict() gives, as the module docstring says; tensors are
+        memory-mapped from the file.
+    classes: {submodule name ("" for the module itself): the global name of its class}, e.g.
+        "open_clip.transformer.QuickGELU": how the saving code built it, known without importing
+        it; empty for a plain state dict.
+    attributes: the module's own plain attributes (bool, int, float, str or None, names not
+        starting with "_"), e.g. a ClassificationHead's `normalize`; empty for a plain state dict.
+    """
+
+    state_dict: dict[str, Tensor]
+    classes: dict[str, str]
+    attributes: dict[str, bool | int | float | str | None]
+
+
+def read_module(path: str | Path) -> PickledModule:
+    """The module (or the plain state dict) pickled in `path`: its tensors, the classes of its
+    submodules and its plain attributes. Nothing the pickle names is imported or run."""
     path = Path(path)
     loaded = _unpickle(path)
     if _is_module(loaded):
-        state_dict = _module_state_dict(path, loaded, prefix="", ancestors=())
+        state_dict = _module_state_dict(path, loaded, prefix="", ancestors=())  # first: it refuses cycles
+        plain = (bool, int, float, str, type(None))
+        attributes = {name: value for name, value in loaded.state.items() if isinstance(name, str) and not name.startswith("_") and type(value) in plain}
+        module = PickledModule(state_dict, _module_classes(loaded, ""), attributes)
     elif isinstance(loaded, Mapping) and all(isinstance(key, str) and isinstance(value, Tensor) for key, value in loaded.items()):
-        state_dict = {key: value.detach() for key, value in loaded.items()}
+        module = PickledModule({key: value.detach() for key, value in loaded.items()}, {}, {})
     else:
         raise InputError(f"{path} holds {_describe(loaded)}, neither a module nor a state dict of tensors")
-    if not state_dict:
+    if not module.state_dict:
         raise InputError(f"{path} holds no tensors")
-    return state_dict
+    return module
+
+
+def _module_classes(module: _Record, prefix: str) -> dict[str, str]:
+    classes = {prefix.rstrip("."): module.global_name}
+    for name, child in module.state["_modules"].items():
+        if child is not None:
+            classes |= _module_classes(child, f"{prefix}{name}.")
+    return classes
 
 
 def convert_to_safetensors(path: str | Path, cache_dir: str | Path) -> Path:

@@ -14,6 +14,7 @@ _MODULES = {
     "DummyTaskPool": "dummy",
     "FlanT5GLUETextGenerationTaskPool": "flan_t5_glue",
     "LMEvalHarnessTaskPool": "lm_eval_harness",
+    "OpenCLIPVisionModelTaskPool": "open_clip_vision",
     "TextClassificationTaskPool": "text_classification",
 }
 __all__ = list(_MODULES)

@@ -4,7 +4,10 @@
 # datasets, ~40 GB for both sizes) and a GPU (hours on a CPU). For each size: the pretrained model,
 # each fine-tuned model, simple averaging, and λ sweeps of task arithmetic and TIES; then the table
 # (every λ, the best marked; FusionBench reports λ = 0.3) and the figures.
-#   scripts/reproduce/clip_ta8.sh [output directory] [sizes: b32 l14]
+# Two lineages: b32, l14 are the Hugging Face re-trainings FusionBench uses (CLIPVisionModelPool);
+# tv-b32, tv-b16, tv-l14 are the task_vectors checkpoints of the TIES and task-arithmetic papers
+# (OpenCLIPVisionModelPool; download them first: docs/modelpools/open_clip_vision.md).
+#   scripts/reproduce/clip_ta8.sh [output directory] [sizes: b32 l14 tv-b32 tv-b16 tv-l14]
 set -euo pipefail
 out=${1:-outputs/reproduce/clip_ta8}
 shift || true
@@ -20,7 +23,10 @@ for size in $sizes; do
   case $size in
     b32) pools=(modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8) ;;
     l14) pools=(modelpool=CLIPVisionModelPool/clip-vit-large-patch14_TA8_model_only taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_L14) ;;
-    *) echo "unknown size '$size': use b32 or l14" >&2; exit 2 ;;
+    tv-b32) pools=(modelpool=OpenCLIPVisionModelPool/ViT-B-32_TA8 taskpool=OpenCLIPVisionModelTaskPool/ViT-B-32_TA8) ;;
+    tv-b16) pools=(modelpool=OpenCLIPVisionModelPool/ViT-B-16_TA8 taskpool=OpenCLIPVisionModelTaskPool/ViT-B-16_TA8) ;;
+    tv-l14) pools=(modelpool=OpenCLIPVisionModelPool/ViT-L-14_TA8 taskpool=OpenCLIPVisionModelTaskPool/ViT-L-14_TA8) ;;
+    *) echo "unknown size '$size': use b32, l14, tv-b32, tv-b16 or tv-l14" >&2; exit 2 ;;
   esac
   s="$out/$size"
   sweep "$s/zero_shot" "${pools[@]}" method=dummy

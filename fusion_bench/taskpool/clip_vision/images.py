@@ -1,4 +1,5 @@
-"""Image classification data as CLIP input, in batches.
+"""Image classification data as CLIP input, in batches; the test datasets and DataLoader settings
+both image task pools (CLIP's and open_clip's) take, checked the same way.
 
 The CLIP image processor's steps are split in two. The per-image part (RGB, resize of the shortest
 edge, centre crop) runs in DataLoader workers and yields uint8 arrays: four times fewer bytes to
@@ -8,7 +9,7 @@ result equals the processor's (transformers' PIL backend, which FusionBench uses
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,12 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fusion_bench.tasks.clip_classification import ClassificationTask
+from fusion_bench.utils.dataset_loading import load_dataset_spec
 from fusion_bench.utils.errors import InputError
+
+_DATALOADER_DEFAULTS = {"batch_size": 128, "num_workers": 8, "pin_memory": True, "prefetch_factor": 2}
+_DATALOADER_FIXED = {"shuffle": False, "drop_last": False}  # accepted as in FusionBench's YAML; other values change the metrics
 
 
 def _size_field(size: Any, key: str) -> int | None:
@@ -111,3 +117,36 @@ def evaluation_indices(size: int, max_samples: int | None, seed: int = 0) -> lis
     if max_samples is None or max_samples >= size:
         return list(range(size))
     return sorted(random.Random(seed).sample(range(size), max_samples))
+
+
+def check_dataloader_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
+    """A task pool's dataloader_kwargs, checked, with the defaults for what `given` leaves out."""
+    for key, value in given.items():
+        if key in _DATALOADER_FIXED and value != _DATALOADER_FIXED[key]:
+            raise InputError(f"dataloader_kwargs.{key}={value!r} would change the metrics; evaluation uses {key}={_DATALOADER_FIXED[key]}")
+        if key not in _DATALOADER_FIXED and key not in _DATALOADER_DEFAULTS:
+            raise InputError(f"dataloader_kwargs has an unknown key {key!r}; its keys are: {', '.join(_DATALOADER_DEFAULTS)}")
+    kwargs = {**_DATALOADER_DEFAULTS, **{k: v for k, v in given.items() if k in _DATALOADER_DEFAULTS}}
+    if not isinstance(kwargs["batch_size"], int) or kwargs["batch_size"] < 1:
+        raise InputError(f"dataloader_kwargs.batch_size={kwargs['batch_size']!r} must be a positive integer")
+    if not isinstance(kwargs["num_workers"], int) or kwargs["num_workers"] < 0:
+        raise InputError(f"dataloader_kwargs.num_workers={kwargs['num_workers']!r} must be 0 (load in this process) or more")
+    return kwargs
+
+
+def load_test_dataset(name: str, task: ClassificationTask, spec: Any) -> Any:
+    """The test dataset `spec` of task `name`, checked: one split, columns `image` and `label`, as
+    many classes as the task has class names (where the dataset says), and not empty."""
+    dataset = load_dataset_spec(name, spec, "test")
+    columns = getattr(dataset, "column_names", None)
+    if isinstance(columns, dict):  # a DatasetDict: load_dataset without `split`
+        raise InputError(f"the test dataset of {name!r} has splits {', '.join(columns)}; choose one, e.g. split: test")
+    if columns is not None and not {"image", "label"} <= set(columns):
+        raise InputError(f"the test dataset of {name!r} has columns {columns}; it needs `image` and `label`")
+    label = getattr(dataset, "features", {}).get("label") if columns is not None else None
+    classes = len(task.classnames)
+    if getattr(label, "num_classes", classes) != classes:
+        raise InputError(f"the test dataset of {name!r} has {label.num_classes} classes, but task {name!r} has {classes} class names; is it that task's dataset?")
+    if len(dataset) == 0:
+        raise InputError(f"the test dataset of {name!r} is empty")
+    return dataset

@@ -17,13 +17,12 @@ from torch.utils.data import DataLoader
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
-from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, evaluation_indices
+from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, check_dataloader_kwargs, evaluation_indices, load_test_dataset
 from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
 from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_head, head_key, text_tower_digest
 from fusion_bench.taskpool.sharding import batch_share, summed_over_processes
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
 from fusion_bench.utils.cache import cache_dir
-from fusion_bench.utils.dataset_loading import load_dataset_spec
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import plain
 from fusion_bench.utils.local_paths import local_paths_in
@@ -34,9 +33,6 @@ log = logging.getLogger(__name__)
 # The tokenizer runs (for heads) before DataLoader workers fork; tokenizers would warn at every fork
 # and turn its threads off anyway.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-_DATALOADER_DEFAULTS = {"batch_size": 128, "num_workers": 8, "pin_memory": True, "prefetch_factor": 2}
-_DATALOADER_FIXED = {"shuffle": False, "drop_last": False}  # accepted as in FusionBench's YAML; other values change the metrics
 
 
 class CLIPVisionModelTaskPool(BaseTaskPool):
@@ -91,7 +87,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         self._clip_key = "base_model" if clip_model is None else "clip_model"  # the key messages name
         self._processor_spec = plain(processor) if processor is not None else base_model
         self._data_processor_spec = plain(data_processor) if data_processor is not None else self._processor_spec
-        self.dataloader_kwargs = _check_dataloader_kwargs(plain(dataloader_kwargs) or {})
+        self.dataloader_kwargs = check_dataloader_kwargs(plain(dataloader_kwargs) or {})
         if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1):
             raise InputError(f"max_samples={max_samples!r} must be a positive integer, or null for every sample")
         self.fast_dev_run = bool(fast_dev_run)
@@ -193,22 +189,7 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     def dataset(self, task: str) -> Any:
         """The test dataset of `task`, loaded once and checked against the task's classes."""
         if task not in self._datasets:
-            dataset = load_dataset_spec(task, self._test_datasets[task], "test")
-            columns = getattr(dataset, "column_names", None)
-            if isinstance(columns, dict):  # a DatasetDict: load_dataset without `split`
-                raise InputError(f"the test dataset of {task!r} has splits {', '.join(columns)}; choose one, e.g. split: test")
-            if columns is not None and not {"image", "label"} <= set(columns):
-                raise InputError(f"the test dataset of {task!r} has columns {columns}; it needs `image` and `label`")
-            label = getattr(dataset, "features", {}).get("label") if columns is not None else None
-            classes = len(self.tasks[task].classnames)
-            if getattr(label, "num_classes", classes) != classes:
-                raise InputError(
-                    f"the test dataset of {task!r} has {label.num_classes} classes, but task {task!r} has {classes} class names; "
-                    "is it that task's dataset?"
-                )
-            if len(dataset) == 0:
-                raise InputError(f"the test dataset of {task!r} is empty")
-            self._datasets[task] = dataset
+            self._datasets[task] = load_test_dataset(task, self.tasks[task], self._test_datasets[task])
         return self._datasets[task]
 
     def _indices(self, task: str) -> list[int]:
@@ -259,20 +240,6 @@ def _pretrained_path(spec: Any) -> str | None:
         path = spec.get("pretrained_model_name_or_path")
         return path if isinstance(path, str) else None
     return None
-
-
-def _check_dataloader_kwargs(given: Mapping[str, Any]) -> dict[str, Any]:
-    for key, value in given.items():
-        if key in _DATALOADER_FIXED and value != _DATALOADER_FIXED[key]:
-            raise InputError(f"dataloader_kwargs.{key}={value!r} would change the metrics; evaluation uses {key}={_DATALOADER_FIXED[key]}")
-        if key not in _DATALOADER_FIXED and key not in _DATALOADER_DEFAULTS:
-            raise InputError(f"dataloader_kwargs has an unknown key {key!r}; its keys are: {', '.join(_DATALOADER_DEFAULTS)}")
-    kwargs = {**_DATALOADER_DEFAULTS, **{k: v for k, v in given.items() if k in _DATALOADER_DEFAULTS}}
-    if not isinstance(kwargs["batch_size"], int) or kwargs["batch_size"] < 1:
-        raise InputError(f"dataloader_kwargs.batch_size={kwargs['batch_size']!r} must be a positive integer")
-    if not isinstance(kwargs["num_workers"], int) or kwargs["num_workers"] < 0:
-        raise InputError(f"dataloader_kwargs.num_workers={kwargs['num_workers']!r} must be 0 (load in this process) or more")
-    return kwargs
 
 
 def _load_pretrained(spec: Any, class_path: str, key: str) -> Any:
