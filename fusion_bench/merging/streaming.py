@@ -39,7 +39,11 @@ def aligned_chunks(
     The stack is a reused buffer: use it (it may be modified) before asking for the next chunk.
     """
     names = list(models)
-    sources = [models[name][key].reshape(-1) for name in names]
+    tensors = [models[name][key] for name in names]
+    sources = [tensor.reshape(-1) for tensor in tensors]
+    # File-mapped tensors (fusion_bench.modelpool.safetensors_file) give back the pages of the
+    # chunks done, so that resident memory holds a chunk of each model, not n whole tensors.
+    releases = [tensor.release_before for tensor in tensors if hasattr(tensor, "release_before")]
     numel = sources[0].numel()
     width = max(1, min(numel, CHUNK_ELEMENTS // len(sources)))
     buffer = torch.empty(len(sources), width)
@@ -61,6 +65,8 @@ def aligned_chunks(
         if check_finite and not torch.isfinite(stack.sum()):
             _raise_if_not_finite(sources, names, positions, key)
         yield positions, stack
+        for release in releases:
+            release(positions.stop)
 
 
 def merge_elementwise(
