@@ -110,7 +110,7 @@ def ours(run: str, folders: dict[str, Path], workdir: Path, output: Path) -> tup
     (config_dir / "bench_tinyllama.yaml").write_text(f"_target_: fusion_bench.modelpool.CausalLMPool\nmodels:\n{models}\n")
     command = [
         sys.executable, "-m", "fusion_bench", "--config-dir", str(workdir / "config"), "modelpool=bench_tinyllama", *OURS[run],
-        "taskpool=dummy", f"merged_model_save_path={output}", "+merged_model_save_kwargs.max_shard_size=1GB", f"hydra.run.dir={workdir / 'run'}",
+        "taskpool=dummy", f"merged_model_save_path={output}", "+merged_model_save_kwargs.max_shard_size=1GB", f"hydra.run.dir={tempfile.mkdtemp(dir=workdir, prefix='run-')}",
     ]  # fmt: skip
     return measure(command, env={"TQDM_DISABLE": "1"})
 

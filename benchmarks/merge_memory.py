@@ -1,6 +1,9 @@
 """Time and peak memory of merging 8 ViT-B/32 vision towers with each method, beside the reference FusionBench.
 
-    python benchmarks/merge_memory.py [--methods ties_merging ...] [--repeats 3] [--no-reference]
+    python benchmarks/merge_memory.py [--methods ties_merging ...] [--repeats 3] [--no-reference] [--size l14]
+
+--size l14 merges ViT-L/14 towers instead (304M parameters each, 11 GB of checkpoints), where the
+reference does not fit in memory: run it with --no-reference.
 
 Writes 9 random CLIPVisionModel checkpoints of ViT-B/32 size once (cached under
 $FUSION_BENCH_CACHE or ~/.cache/fusion_bench), in the transformers 4.x layout of the hub models so
@@ -65,7 +68,13 @@ METHODS = {
 REPO = Path(__file__).resolve().parents[1]
 
 
-def write_pool(root: Path) -> dict[str, Path]:
+SIZES = {  # CLIPVisionConfig keys: the defaults are ViT-B/32
+    "b32": ("ViT-B/32", 88, {}),
+    "l14": ("ViT-L/14", 304, dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14, image_size=224)),
+}
+
+
+def write_pool(root: Path, size: str = "b32") -> dict[str, Path]:
     """The pretrained tower and 8 'fine-tuned' ones (pretrained + small Gaussian task vectors)."""
     names = ["_pretrained_"] + [f"task{i}" for i in range(N_TASKS)]
     folders = {name: root / name for name in names}
@@ -75,7 +84,7 @@ def write_pool(root: Path) -> dict[str, Path]:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    config = CLIPVisionConfig()  # the defaults are ViT-B/32
+    config = CLIPVisionConfig(**SIZES[size][2])
     torch.manual_seed(0)
     pretrained = {f"vision_model.{k}": v.contiguous() for k, v in CLIPVisionModel(config).state_dict().items()}
     for i, (name, folder) in enumerate(folders.items()):
@@ -104,7 +113,7 @@ def ours(method: str, folders: dict[str, Path], workdir: Path, save_to: Path | N
         f"_target_: fusion_bench.modelpool.AutoModelPool\nmodel_class: transformers.CLIPVisionModel\nmodels:\n{models}\n"
     )
     command = [sys.executable, "-m", "fusion_bench", "--config-dir", str(config_dir), "modelpool=bench_vit_b32",
-               f"method={method}", *METHODS[method].overrides, "taskpool=dummy", f"hydra.run.dir={workdir / 'run'}"]
+               f"method={method}", *METHODS[method].overrides, "taskpool=dummy", f"hydra.run.dir={tempfile.mkdtemp(dir=workdir, prefix='run-')}"]
     if save_to:
         command.append(f"merged_model_save_path={save_to}")
     return measure(command, env={"TQDM_DISABLE": "1"})
@@ -176,8 +185,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--repeats", type=int, default=3, help="runs per measurement; the median is shown")
     parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
+    parser.add_argument("--size", choices=SIZES, default="b32", help="the towers' size: ViT-B/32 or ViT-L/14")
+    parser.add_argument("--write-pool-to", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    folders = write_pool(cache_dir("benchmarks", "clip-vit-base-patch32-random"))
+    root = cache_dir("benchmarks", "clip-vit-base-patch32-random" if args.size == "b32" else f"clip-vit-{args.size}-random")
+    if args.write_pool_to:
+        write_pool(Path(args.write_pool_to), args.size)
+        return
+    # in a process of its own: a child's peak RSS starts from its parent's (Linux carries it over
+    # fork and exec), and writing the pool takes GBs
+    subprocess.run([sys.executable, __file__, "--write-pool-to", str(root), "--size", args.size], check=True)
+    folders = write_pool(root, args.size)  # written: only the folders
     python = None
     if not args.no_reference:
         python = subprocess.run([str(REPO.parent / "shared" / "tools" / "reference-venv.sh")], capture_output=True, text=True, check=True).stdout.strip()
@@ -186,7 +204,8 @@ def main() -> None:
         for method in args.methods:
             rows.append(measure_method(method, folders, Path(tmp), python, args.repeats))
             print(json.dumps(rows[-1]), file=sys.stderr)
-    print(f"\n{N_TASKS} × ViT-B/32 vision towers (88M parameters each), whole process, {os.cpu_count()} cores, median of {args.repeats} runs; "
+    name, millions, _ = SIZES[args.size]
+    print(f"\n{N_TASKS} × {name} vision towers ({millions}M parameters each), whole process, {os.cpu_count()} cores, median of {args.repeats} runs; "
           f"WUDI with {WUDI_ITERATIONS} Adam steps\n")
     print("| method | fusion_bench time | fusion_bench peak RSS | reference time | reference peak RSS | time ratio | memory ratio | max abs difference |")
     print("|---|---|---|---|---|---|---|---|")
