@@ -1,8 +1,6 @@
 """Zero-shot image classification with CLIP: the merged vision tower, the base model's text tower."""
 
-import logging
 import os
-import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -13,22 +11,18 @@ import torch.nn.functional as F
 from hydra.errors import InstantiationException
 from hydra.utils import get_class, instantiate
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
-from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, ImageBatches, check_dataloader_kwargs, evaluation_indices, load_test_dataset
+from fusion_bench.taskpool.clip_vision.images import CLIPImageTransform, check_dataloader_kwargs, evaluation_indices, load_test_dataset
+from fusion_bench.taskpool.clip_vision.scoring import score_images
 from fusion_bench.taskpool.clip_vision.tower_check import check_tower_fits
 from fusion_bench.taskpool.clip_vision.zeroshot_heads import HeadCache, compute_head, head_key, text_tower_digest
-from fusion_bench.taskpool.sharding import batch_share, summed_over_processes
 from fusion_bench.tasks.clip_classification import ClassificationTask, classification_task
 from fusion_bench.utils.cache import cache_dir
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import plain
 from fusion_bench.utils.local_paths import local_paths_in
-from fusion_bench.utils.progress import progress_bar
-
-log = logging.getLogger(__name__)
 
 # The tokenizer runs (for heads) before DataLoader workers fork; tokenizers would warn at every fork
 # and turn its threads off anyway.
@@ -148,26 +142,14 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
         autocast = fabric.autocast if fabric is not None else nullcontext
         results = {}
         for task in self.tasks if tasks is None else tasks:
-            start = time.perf_counter()
             head = self.head(task, device)
-            batches = ImageBatches(self.dataset(task), self._indices(task), self.dataloader_kwargs["batch_size"], transform)
-            correct = torch.zeros((), dtype=torch.long, device=device)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            share = batch_share(len(batches), fabric)
-            with progress_bar(total=sum(len(batches.batch_indices(i)) for i in share), desc=task, unit="img") as bar:
-                for images, labels in self._loader(batches, share, device):
-                    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                    with autocast():
-                        pooled = tower(pixel_values=transform.normalize(images)).pooler_output
-                        embeddings = projection(pooled)
-                    logits = logit_scale * F.normalize(embeddings.float(), dim=-1) @ head.T
-                    loss_sum += F.cross_entropy(logits, labels, reduction="sum")
-                    correct += (logits.argmax(dim=-1) == labels).sum()
-                    bar.update(len(labels))
-            correct_total, loss_total = summed_over_processes([correct.item(), loss_sum.item()], fabric)
-            samples = len(batches.indices)
-            results[task] = {"accuracy": correct_total / samples, "loss": loss_total / samples}
-            log.info("%s: accuracy %.4f, loss %.4f (%d images, %.1f s)", task, results[task]["accuracy"], results[task]["loss"], samples, time.perf_counter() - start)
+
+            def logits_of(images: Tensor, head: Tensor = head) -> Tensor:
+                with autocast():
+                    embeddings = projection(tower(pixel_values=images).pooler_output)
+                return logit_scale * F.normalize(embeddings.float(), dim=-1) @ head.T
+
+            results[task] = score_images(task, self.dataset(task), self._indices(task), transform, logits_of, self.dataloader_kwargs, device, fabric)
         return results
 
     def head(self, task: str, device: torch.device) -> Tensor:
@@ -195,18 +177,6 @@ class CLIPVisionModelTaskPool(BaseTaskPool):
     def _indices(self, task: str) -> list[int]:
         indices = evaluation_indices(len(self.dataset(task)), self.max_samples)
         return indices[: self.dataloader_kwargs["batch_size"]] if self.fast_dev_run else indices
-
-    def _loader(self, batches: ImageBatches, share: range, device: torch.device) -> DataLoader:
-        """The batches numbered in `share` (this process's), built in the DataLoader's workers."""
-        workers = min(self.dataloader_kwargs["num_workers"], len(share))  # no idle workers for small tasks
-        return DataLoader(
-            batches,
-            batch_size=None,  # each item is a whole batch
-            sampler=share,
-            num_workers=workers,
-            pin_memory=self.dataloader_kwargs["pin_memory"] and device.type == "cuda",
-            prefetch_factor=self.dataloader_kwargs["prefetch_factor"] if workers else None,
-        )
 
     def _load_clip(self) -> nn.Module:
         if self._clip is None:
