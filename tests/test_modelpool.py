@@ -51,6 +51,7 @@ def test_a_merge_walking_mapped_tensors_gives_their_pages_back(tmp_path):
     """Streaming two 64 MiB tensors chunk by chunk keeps a chunk of each resident, not both
     whole; the pages given back read the same values again."""
     from fusion_bench.merging.streaming import aligned_chunks
+    from fusion_bench.utils.mapped_pages import release_before
 
     tensors = {"a": torch.randn(16 << 20), "b": torch.randn(16 << 20)}
     for name, tensor in tensors.items():
@@ -64,8 +65,10 @@ def test_a_merge_walking_mapped_tensors_gives_their_pages_back(tmp_path):
     assert torch.allclose(total, torch.stack([t.double().sum() for t in tensors.values()]))
     mapped = models["a"]["w"]
     before = mapped.sum()
-    mapped.release_before(mapped.numel())
+    release_before(mapped, mapped.numel())
     assert torch.equal(mapped.sum(), before)
+    torch.save({"w": mapped}, tmp_path / "saved.pt")  # nothing of ours travels with the tensor
+    assert torch.equal(torch.load(tmp_path / "saved.pt", weights_only=True)["w"], tensors["a"])
 
 
 def test_truncated_and_garbage_files_are_named(tmp_path):

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.utils.errors import InputError
+from fusion_bench.utils.mapped_pages import release_before
 from fusion_bench.utils.progress import progress_bar
 
 CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
@@ -41,9 +42,6 @@ def aligned_chunks(
     names = list(models)
     tensors = [models[name][key] for name in names]
     sources = [tensor.reshape(-1) for tensor in tensors]
-    # File-mapped tensors (fusion_bench.modelpool.safetensors_file) give back the pages of the
-    # chunks done, so that resident memory holds a chunk of each model, not n whole tensors.
-    releases = [tensor.release_before for tensor in tensors if hasattr(tensor, "release_before")]
     numel = sources[0].numel()
     width = max(1, min(numel, CHUNK_ELEMENTS // len(sources)))
     buffer = torch.empty(len(sources), width)
@@ -65,8 +63,8 @@ def aligned_chunks(
         if check_finite and not torch.isfinite(stack.sum()):
             _raise_if_not_finite(sources, names, positions, key)
         yield positions, stack
-        for release in releases:
-            release(positions.stop)
+        for tensor in tensors:  # file-mapped ones give back the chunk's pages: memory holds a chunk of each model
+            release_before(tensor, positions.stop)
 
 
 def merge_elementwise(

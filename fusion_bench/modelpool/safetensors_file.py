@@ -4,7 +4,7 @@ A mapping of the whole file would count every page read towards the process's re
 until the file is closed: streaming nine checkpoints would show nine models' worth of RSS. Here
 each tensor gets a mapping of its own byte range that lives exactly as long as the tensor, so
 reading is zero-copy and memory holds only the tensors in use; a tensor walked in chunks can give
-back the pages it is done with (`release_before`).
+back the pages it is done with (fusion_bench.utils.mapped_pages).
 """
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from fusion_bench.utils import mapped_pages
 from fusion_bench.utils.errors import InputError
 
 _DTYPES = {
@@ -73,16 +74,14 @@ class SafetensorsFile:
             mapped = mmap.mmap(f.fileno(), end - page_start, offset=page_start, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - page_start)
         tensor = data.view(self.dtype(key)).reshape(self.shape(key))
-        tensor.release_before = _PageRelease(mapped, begin - page_start, tensor.element_size())
+        mapped_pages.register(tensor, _PageRelease(mapped, begin - page_start, tensor.element_size()))
         return tensor
 
 
 class _PageRelease:
-    """release_before(n): drop the mapped pages that hold only the tensor's first n entries (flat)
-    from memory: a merge walking a large tensor chunk by chunk is done with them, and until the
-    tensor is dropped they would count towards resident memory (n models × the largest tensor).
-    Never-written pages of a private mapping come back from the file if read again, so this only
-    ever costs a re-read."""
+    """Drops the mapped pages that hold only a tensor's first n entries (fusion_bench.utils.
+    mapped_pages). Never-written pages of a private mapping come back from the file if read
+    again, so this only ever costs a re-read."""
 
     def __init__(self, mapped: mmap.mmap, offset: int, itemsize: int):
         self.mapped, self.offset, self.itemsize = mapped, offset, itemsize
