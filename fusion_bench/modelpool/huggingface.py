@@ -194,16 +194,20 @@ def with_base_model(models: Mapping[str, Any], base_model: str | None, key: str)
 def load_tokenizer_spec(spec: Any, default: Callable[[], Path]) -> Any:
     """A pool's `tokenizer` key: an id or path for AutoTokenizer, or a config with `_target_`
     (FusionBench's `AutoTokenizer.from_pretrained` entries); None takes the folder `default()`."""
-    from transformers import AutoTokenizer
-
     spec = plain(spec)
     if isinstance(spec, Mapping):
         return instantiate(spec)
-    source = spec if spec is not None else default()
+    return load_auto_tokenizer(spec if spec is not None else default(), "the tokenizer", "check the `tokenizer` key")
+
+
+def load_auto_tokenizer(source: str | Path, what: str, fix: str) -> Any:
+    """AutoTokenizer.from_pretrained(source), or one line: `what` <source> cannot be loaded (why); `fix`."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as error:
-        raise InputError(f"the tokenizer {str(source)!r} cannot be loaded ({first_line(error)}); check the `tokenizer` key") from None
+        raise InputError(f"{what} {str(source)!r} cannot be loaded ({first_line(error)}); {fix}") from None
 
 
 def _require_config(name: str, folder: Path) -> None:

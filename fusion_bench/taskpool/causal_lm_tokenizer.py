@@ -5,17 +5,10 @@ from typing import Any
 from torch import nn
 
 from fusion_bench.modelpool.base import BaseModelPool
-from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.modelpool.huggingface import load_auto_tokenizer
+from fusion_bench.utils.errors import InputError
 
-
-def load_tokenizer(source: str, what: str) -> Any:
-    """AutoTokenizer.from_pretrained(source), or an InputError naming `what` (the key it came from)."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as error:
-        raise InputError(f"{what} {source!r} cannot be loaded ({first_line(error)}); check the folder or hub id, or give taskpool.tokenizer") from None
+_FIX = "check the folder or hub id, or give taskpool.tokenizer"
 
 
 class TokenizerChoice:
@@ -32,7 +25,7 @@ class TokenizerChoice:
     def prepare(self) -> None:
         """Load the `tokenizer` key's tokenizer (a bad one fails before the merge)."""
         if self.source is not None and self._tokenizer is None:
-            self._tokenizer = load_tokenizer(self.source, "the task pool's tokenizer")
+            self._tokenizer = load_auto_tokenizer(self.source, "the task pool's tokenizer", _FIX)
 
     def take_from(self, modelpool: BaseModelPool) -> None:
         """Without a `tokenizer` key, use the model pool's: the merged model speaks its vocabulary."""
@@ -53,5 +46,5 @@ class TokenizerChoice:
             source = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
             if not source:
                 raise InputError(f"the task pool cannot tell which tokenizer {type(model).__name__} uses; give taskpool.tokenizer=<folder or hub id>")
-            self._tokenizer = load_tokenizer(str(source), "the tokenizer of the model's folder")
+            self._tokenizer = load_auto_tokenizer(str(source), "the tokenizer of the model's folder", _FIX)
         return self._tokenizer

@@ -9,13 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from fusion_bench.modelpool.huggingface import load_auto_tokenizer
 from fusion_bench.taskpool.base import BaseTaskPool, TaskMetrics
 from fusion_bench.taskpool.batched_generation import generate_answers
 from fusion_bench.taskpool.sharding import batch_share, gathered_over_processes
 from fusion_bench.taskpool.text_metrics import exact_match, spearman_of_scores
 from fusion_bench.taskpool.tokenized_cache import tokenize_cached
 from fusion_bench.tasks.glue import GLUE_TASKS, GlueTask, load_glue_split, prompt_max_length
-from fusion_bench.utils.errors import InputError, first_line
+from fusion_bench.utils.errors import InputError
 from fusion_bench.utils.instantiation import plain
 
 log = logging.getLogger(__name__)
@@ -120,12 +121,7 @@ class FlanT5GLUETextGenerationTaskPool(BaseTaskPool):
     @cached_property
     def _tokenizer(self):
         """Loaded once: prepare() checks it before the merge, evaluation uses it."""
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(self.tokenizer_name)
-        except (OSError, ValueError) as error:
-            raise InputError(f"the task pool's tokenizer {self.tokenizer_name!r} cannot be loaded ({first_line(error)}); check the hub id or folder") from None
+        return load_auto_tokenizer(self.tokenizer_name, "the task pool's tokenizer", "check the hub id or folder")
 
     def _examples(self, name: str, task: GlueTask, split: str) -> tuple[list[str], list[str]]:
         """The prompts and expected answers of the split (its first max_samples examples), loaded once."""
