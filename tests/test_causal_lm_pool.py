@@ -109,6 +109,7 @@ def test_vocabularies_of_different_sizes_are_refused_before_any_work(tmp_path):
         ({"model_kwargs": {"device_map": "auto"}}, "model_kwargs has an unknown key 'device_map'"),
         ({"model_kwargs": {"torch_dtype": "float8"}}, "model_kwargs.torch_dtype='float8' is not a dtype"),
         ({"base_model": "elsewhere"}, "base_model is 'elsewhere' but models._pretrained_ is"),
+        ({"model_kwargs": {"torch_dtype": "float16", "dtype": "bfloat16"}}, "model_kwargs.dtype is torch.bfloat16 but model_kwargs.torch_dtype is torch.float16"),
     ],
 )
 def test_bad_pool_keys_are_one_line_errors(sharded_llama, kwargs, fragment):

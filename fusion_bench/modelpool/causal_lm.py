@@ -57,8 +57,9 @@ class CausalLMPool(AutoModelPool):
         if unknown:
             raise InputError(f"model_kwargs has an unknown key {unknown[0]!r}; CausalLMPool takes {', '.join(_MODEL_KWARGS)}")
         entries = {name: _path_and_dtype(name, spec) for name, spec in plain(models).items()}
-        pool_dtype = model_kwargs.pop("dtype", model_kwargs.pop("torch_dtype", None))
-        self.dtype = _one_dtype(pool_dtype, {name: dtype for name, (_, dtype) in entries.items() if dtype is not None})
+        given = {f"model_kwargs.{key}": _dtype(model_kwargs.pop(key), f"model_kwargs.{key}") for key in ("torch_dtype", "dtype") if key in model_kwargs}
+        given.update({f"models.{name}.torch_dtype": dtype for name, (_, dtype) in entries.items() if dtype is not None})
+        self.dtype = _one_dtype(given)
         paths = {name: path for name, (path, _) in entries.items()}
         paths = with_base_model(paths, base_model, "base_model")
         paths = with_base_model(paths, pretrained_model_name_or_path, "pretrained_model_name_or_path")
@@ -121,17 +122,15 @@ def _path_and_dtype(name: str, spec: Any) -> tuple[Any, Any]:
     return arguments["pretrained_model_name_or_path"], None if dtype is None else _dtype(dtype, f"models.{name}.torch_dtype")
 
 
-def _one_dtype(pool_dtype: Any, model_dtypes: Mapping[str, Any]) -> Any:
-    """The one dtype every model loads in: model_kwargs' or the entries' (which must agree), else auto."""
-    dtypes = {"model_kwargs.torch_dtype": _dtype(pool_dtype, "model_kwargs.torch_dtype")} if pool_dtype is not None else {}
-    dtypes.update({f"models.{name}.torch_dtype": dtype for name, dtype in model_dtypes.items()})
-    given = list(dtypes.items())
-    conflict = next(((key, dtype) for key, dtype in given if dtype != given[0][1]), None)
+def _one_dtype(given: Mapping[str, Any]) -> Any:
+    """The one dtype every model loads in, from {where it was given: dtype} (all must agree), else auto."""
+    where = list(given)
+    conflict = next((key for key in where if given[key] != given[where[0]]), None)
     if conflict is not None:
         raise InputError(
-            f"{conflict[0]} is {conflict[1]} but {given[0][0]} is {given[0][1]}; a merge reads every model in one dtype, so give one torch_dtype (model_kwargs.torch_dtype)"
+            f"{conflict} is {given[conflict]} but {where[0]} is {given[where[0]]}; a merge reads every model in one dtype, so give one torch_dtype (model_kwargs.torch_dtype)"
         )
-    return next(iter(dtypes.values()), "auto")
+    return given[where[0]] if where else "auto"
 
 
 def _dtype(value: Any, key: str) -> Any:
