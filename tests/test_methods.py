@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fusion_bench.method import SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TiesMergingAlgorithm
+from fusion_bench.method import ISO_C_Merge, SimpleAverageAlgorithm, TaskArithmeticAlgorithm, TaskSingularVectorMerging, TiesMergingAlgorithm
 from fusion_bench.modelpool import BaseModelPool
 from fusion_bench.utils.errors import InputError
 
@@ -120,13 +120,18 @@ def test_mismatched_models_name_the_first_offending_key():
         SimpleAverageAlgorithm().run({**models, "task2": missing})  # its reference is the first task model
 
 
-def test_nan_weights_are_refused_with_names():
+@pytest.mark.parametrize("model", ["task1", "_pretrained_"])
+def test_nan_weights_are_refused_with_names(model):
     models = pool()
     with torch.no_grad():
-        models["task1"].fc.weight[0, 0] = float("nan")
-    for method in (TiesMergingAlgorithm(), TaskArithmeticAlgorithm(), SimpleAverageAlgorithm()):
-        with pytest.raises(InputError, match="model 'task1' has NaN or Inf values in 'fc.weight'"):
+        models[model].fc.weight[0, 0] = float("nan")
+    # the streaming methods and those that take each tensor whole (the SVD merges)
+    for method in (TiesMergingAlgorithm(), TaskArithmeticAlgorithm(), TaskSingularVectorMerging(), ISO_C_Merge()):
+        with pytest.raises(InputError, match=f"model '{model}' has NaN or Inf values in 'fc.weight'"):
             method.run(models)
+    if model != "_pretrained_":  # simple averaging reads no pretrained model
+        with pytest.raises(InputError, match=f"model '{model}' has NaN or Inf values in 'fc.weight'"):
+            SimpleAverageAlgorithm().run(models)
 
 
 def test_tied_weights_are_merged_once_and_stay_tied():

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fusion_bench.merging.isotropic import iso_c_merge, iso_cts_dimensions, iso_cts_merge
+from fusion_bench.merging.svd import thin_svd, top_singular_triplets
 from fusion_bench.merging.task_singular_vectors import polar_factor, task_singular_vectors, tsv_merge
 from fusion_bench.method import (
     ISO_C_Merge,
@@ -52,6 +53,7 @@ def assert_matches(model: nn.Module, expected: dict[str, torch.Tensor]) -> None:
 def test_fixtures_hold_every_case_of_these_methods():
     assert len(CASES) == 20 and {case["pool"] for case in CASES} == {"normal", "lowrank"}
     assert sum(case["params"].get("return_single_task_models", False) for case in CASES) == 2
+    assert len(PLAIN_LOW_RANK_CASES) == 5
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
@@ -67,6 +69,42 @@ def test_matches_reference(case):
         assert_matches(METHODS[case["method"]](**params).run(RECORDED.pool(case["pool"])), RECORDED.output(case, "merged"))
     else:
         assert_matches(METHODS[case["method"]](**params).run(RECORDED.pool(case["pool"])), RECORDED.output(case))
+
+
+def float64_merge(case: dict, task_vectors: torch.Tensor) -> torch.Tensor:
+    """Δ of one matrix of a recorded case, by the float64 oracles below."""
+    params = case["params"]
+    if case["method"] == "TaskSingularVectorMerging":
+        return params["alpha"] * oracle_tsv(task_vectors)[0]
+    if case["method"] == "ISO_C_Merge":
+        return params["scaling_factor"] * oracle_iso_c(task_vectors)
+    common, per_task = iso_cts_dimensions(min(task_vectors.shape[1:]), len(task_vectors), params["common_space_fraction"])
+    return params["scaling_factor"] * oracle_iso_cts(task_vectors, common, per_task)
+
+
+PLAIN_LOW_RANK_CASES = [
+    case
+    for case in CASES
+    if case["pool"] == "lowrank" and set(case["params"]) <= {"alpha", "scaling_factor", "common_space_fraction"} and not isinstance(case["params"].get("alpha", 1), list)
+]
+
+
+@pytest.mark.parametrize("case", PLAIN_LOW_RANK_CASES, ids=[c["case"] for c in PLAIN_LOW_RANK_CASES])
+def test_is_at_least_as_near_the_float64_merge_as_the_reference(case):
+    """Our top singular triplets come from float64 Gram matrices (fusion_bench.merging.svd), the
+    reference's from float32 SVDs: on the low-rank pool, whose small singular values float32
+    resolves least well, ours is the nearer of the two to the merge computed in float64."""
+    state_dicts = RECORDED.state_dicts("lowrank")
+    theta0 = state_dicts.pop("_pretrained_")
+    ours = METHODS[case["method"]](**case["params"]).run(RECORDED.pool("lowrank")).state_dict()
+    reference = RECORDED.output(case)
+    ours_error = reference_error = 0.0
+    for key in ("0.weight", "2.weight", "3.weight"):  # the matrices; the rest is a plain mean
+        task_vectors = torch.stack([state_dict[key] - theta0[key] for state_dict in state_dicts.values()]).double()
+        truth = theta0[key].double() + float64_merge(case, task_vectors)
+        ours_error = max(ours_error, (ours[key].double() - truth).abs().max().item())
+        reference_error = max(reference_error, (reference[key].double() - truth).abs().max().item())
+    assert ours_error <= reference_error
 
 
 # ---------------------------------------------------------------- dense oracles (float64)
@@ -136,6 +174,38 @@ def test_tsv_matches_oracle_and_its_pieces_sum_to_the_merge(shape):
     assert close(tsv_merge(task_vectors), merged)
     for task, piece in enumerate(pieces):
         assert close(factors.of_task(task), piece)
+
+
+@pytest.mark.parametrize("shape", [(3, 30, 12), (3, 12, 30), (2, 16, 16)], ids=str)
+def test_top_singular_triplets_and_thin_svd_match_a_float64_svd(shape):
+    matrices = random_task_vectors(*shape, seed=sum(shape) + 3)
+    expected_u, expected_s, expected_vh = torch.linalg.svd(matrices.double(), full_matrices=False)
+    rank = min(shape[1:]) // 3
+    u, s, vh = top_singular_triplets(matrices, rank)
+    assert u.dtype == s.dtype == vh.dtype == torch.float32
+    assert (u.shape, s.shape, vh.shape) == ((shape[0], shape[1], rank), (shape[0], rank), (shape[0], rank, shape[2]))
+    assert torch.allclose(s.double(), expected_s[:, :rank], rtol=1e-6, atol=0)
+    # each pair of singular vectors up to its sign: the rank-1 pieces u_i σ_i v_iᵀ are unique
+    for task in range(shape[0]):
+        for i in range(rank):
+            piece = torch.outer(u[task, :, i], vh[task, i]).double()
+            assert (piece - torch.outer(expected_u[task, :, i], expected_vh[task, i])).abs().max() < 1e-5
+    thin = thin_svd(matrices)
+    assert torch.allclose(thin[1].double(), expected_s, rtol=1e-5, atol=1e-6)
+    assert torch.allclose((thin[0] * thin[1].unsqueeze(1)) @ thin[2], matrices, atol=1e-5)
+
+
+def test_top_singular_triplets_of_rank_deficient_matrices_come_from_lapack():
+    """σ_r at rounding level (a rank-2 matrix asked for 3 triplets, and a zero one): the Gram
+    matrix cannot give the r-th pair, so those matrices are decomposed by gesdd, not NaN."""
+    generator = torch.Generator().manual_seed(4)
+    low_rank = torch.randn(12, 2, generator=generator) @ torch.randn(2, 9, generator=generator)
+    matrices = torch.stack([low_rank, torch.zeros(12, 9), torch.randn(12, 9, generator=generator)])
+    u, s, vh = top_singular_triplets(matrices, 3)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    expected_u, expected_s, expected_vh = torch.linalg.svd(matrices, full_matrices=False)
+    assert torch.equal(u[:2], expected_u[:2, :, :3]) and torch.equal(s[:2], expected_s[:2, :3]) and torch.equal(vh[:2], expected_vh[:2, :3])
+    assert torch.allclose(s[2], expected_s[2, :3], rtol=1e-5)
 
 
 def test_tsv_of_more_tasks_than_the_rank_is_zero():

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fusion_bench.merging.svd import thin_svd, top_singular_triplets
+
 
 def polar_factor(matrix: Tensor) -> Tensor:
     """The orthogonal polar factor PQᵀ of matrix = PΣQᵀ (thin SVD): orthonormal columns (rows, if
     wide), and the closest such matrix to `matrix` in Frobenius norm."""
-    left, _, right_h = torch.linalg.svd(matrix, full_matrices=False)
+    left, _, right_h = thin_svd(matrix)
     return left @ right_h
 
 
@@ -57,10 +59,10 @@ def task_singular_vectors(task_vectors: Tensor) -> TaskSingularVectors:
     rank = rank_per_task((rows, cols), n_tasks)
     if rank == 0:  # more tasks than the rank: nothing of any task fits, Δ = 0 (as FusionBench)
         return TaskSingularVectors(task_vectors.new_zeros(rows, 0), task_vectors.new_zeros(0), task_vectors.new_zeros(0, cols), 0)
-    u, s, vh = torch.linalg.svd(task_vectors, full_matrices=False)  # batched over the tasks
-    u = u[:, :, :rank].permute(1, 0, 2).reshape(rows, n_tasks * rank)
-    s = s[:, :rank].reshape(n_tasks * rank)
-    vh = vh[:, :rank, :].reshape(n_tasks * rank, cols)
+    u, s, vh = top_singular_triplets(task_vectors, rank)
+    u = u.permute(1, 0, 2).reshape(rows, n_tasks * rank)
+    s = s.reshape(n_tasks * rank)
+    vh = vh.reshape(n_tasks * rank, cols)
     return TaskSingularVectors(polar_factor(u), s, polar_factor(vh), rank)
 
 

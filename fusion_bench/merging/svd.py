@@ -1,0 +1,54 @@
+"""The singular value decompositions of the SVD merges, done the fast way on CPUs: the same
+results as torch.linalg.svd up to float32 rounding and the sign of each pair of singular vectors
+(which cancels in every product the merges take).
+
+- thin_svd: LAPACK's gesdd takes 2.6× as long on a wide [768, 3072] matrix as on its transpose
+  here (torch 2.13, MKL, 2 cores), so a wide matrix is decomposed through its transpose.
+- top_singular_triplets: the top r triplets of each matrix of a stack, where the merge keeps only
+  a few (TSV-M: 1/T of the rank; Iso-CTS: each task's own directions), from the eigenvectors of
+  the float64 Gram matrix AᵀA (AAᵀ if wide): 1.5× faster than gesdd on a [768, 768] matrix,
+  2.7× on a [3072, 768] one. Squaring A squares its condition, which float64 absorbs as long as
+  σ_r stands clear of σ_1's rounding (σ_r ≥ 10⁻³ σ_1: σ_r then carries a relative error below
+  10⁻⁷); a matrix whose σ_r does not (a low-rank task vector) is decomposed by gesdd instead.
+"""
+
+import torch
+from torch import Tensor
+
+# σ_r² / σ_1² below which the Gram matrix's r-th eigenpair is too close to rounding (see above)
+MIN_EIGENVALUE_RATIO = 1e-6
+
+
+def thin_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.linalg.svd(matrix, full_matrices=False) of a [..., m, n] stack: U, S, Vᴴ."""
+    if matrix.shape[-2] >= matrix.shape[-1]:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    v, s, uh = torch.linalg.svd(matrix.mT, full_matrices=False)
+    return uh.mT, s, v.mT
+
+
+def top_singular_triplets(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top `rank` singular triplets of each matrix of a [T, m, n] stack: U [T, m, r], S [T, r]
+    (descending), Vᴴ [T, r, n], in the stack's dtype."""
+    wide = matrices.shape[-2] < matrices.shape[-1]
+    oriented = matrices.mT if wide else matrices  # tall: the Gram matrix is the smaller side's
+    count, rows, cols = oriented.shape
+    left, singular, right = matrices.new_empty(count, rows, rank), matrices.new_empty(count, rank), matrices.new_empty(count, cols, rank)
+    for index, matrix in enumerate(oriented):  # one matrix in float64 at a time, not the stack
+        left[index], singular[index], right[index] = _top_triplets_of_tall(matrix, rank)
+    if wide:  # oriented = Aᵀ = left · S · rightᵀ, so A's U is right and its Vᴴ is leftᵀ
+        return right, singular, left.mT
+    return left, singular, right.mT
+
+
+def _top_triplets_of_tall(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """U [m, r], S [r], V [n, r] of an m ≥ n matrix, from its float64 Gram matrix where σ_r allows."""
+    matrix64 = matrix.double()
+    eigenvalues, eigenvectors = torch.linalg.eigh(matrix64.T @ matrix64)  # ascending
+    values = eigenvalues[-rank:].flip(0)
+    if not values[-1] > MIN_EIGENVALUE_RATIO * values[0]:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    right = eigenvectors[:, -rank:].flip(1)
+    singular = values.sqrt()
+    return (matrix64 @ right) / singular, singular, right
