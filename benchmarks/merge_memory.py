@@ -165,7 +165,10 @@ def measure_method(method: str, folders: dict[str, Path], tmp: Path, python: str
         return row
     if spec.compare:
         ours(method, folders, tmp / f"{method}-saved", save_to=tmp / f"{method}-merged")
-        row["max_diff"] = max_difference(tmp / f"{method}-merged", saved)
+        # in a process of its own, like writing the pool: loading both models here would raise the
+        # peak RSS that every later child starts from
+        compared = subprocess.run([sys.executable, __file__, "--max-difference", str(tmp / f"{method}-merged"), str(saved)], capture_output=True, text=True, check=True)
+        row["max_diff"] = float(compared.stdout)
     return row
 
 
@@ -187,7 +190,11 @@ def main() -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the reference FusionBench")
     parser.add_argument("--size", choices=SIZES, default="b32", help="the towers' size: ViT-B/32 or ViT-L/14")
     parser.add_argument("--write-pool-to", help=argparse.SUPPRESS)
+    parser.add_argument("--max-difference", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.max_difference:
+        print(max_difference(Path(args.max_difference[0]), Path(args.max_difference[1])))
+        return
     root = cache_dir("benchmarks", "clip-vit-base-patch32-random" if args.size == "b32" else f"clip-vit-{args.size}-random")
     if args.write_pool_to:
         write_pool(Path(args.write_pool_to), args.size)

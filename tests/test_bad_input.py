@@ -126,6 +126,9 @@ CASES = [
     ("report-into-a-folder", ["report_save_path={w}/notes"], "report_save_path={w}/notes is a folder; give a file path"),
     ("report-over-a-file", ["report_save_path={w}/notes.json"], "exists; to replace it add report_save_overwrite=true"),
     ("report-over-a-file-not-ours", ["report_save_path={w}/notes.json", "report_save_overwrite=true"], "is not a fusion_bench report"),
+    ("skip-completed-without-a-report", ["skip_completed=true", "report_save_path=null"], "skip_completed=true finds completed runs by their reports, and report_save_path is null"),
+    ("skip-completed-over-a-file-not-ours", ["report_save_path={w}/notes.json", "skip_completed=true"], "is not a fusion_bench report"),
+    ("skip-completed-not-a-boolean", ["skip_completed=yes"], "skip_completed='yes' must be true or false"),
     # hyper-parameters and settings
     ("threshold-not-a-number", ["method.threshold=abc"], "threshold='abc' must be a number"),
     ("threshold-null", ["method.threshold=null"], "threshold=None must be a number"),

@@ -5,11 +5,9 @@ the failures."""
 
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -137,10 +135,9 @@ def test_a_failing_job_under_joblib_leaves_its_report_and_the_sweep_exits_2(tmp_
     assert len(listed) == 1 and "method.scaling_factor=xyz" in listed[0] and again.stderr.splitlines()[-1] == SUMMARY.format(1)
 
 
-def test_the_documented_resume_reruns_the_failed_runs_in_their_folders(tmp_path, bert_pool_dir):
-    """docs/sweeps.md's recipe, run as written there: a pool whose models are not there yet fails
-    its run; once they are, the recipe reruns that run alone, in its folder."""
-    recipe = re.search(r"python - sweeps/joblib <<'PY'\n(.*?)\nPY\n", (Path(__file__).parents[1] / "docs" / "sweeps.md").read_text(), re.DOTALL)
+def test_skip_completed_reruns_only_the_failed_runs_of_a_sweep(tmp_path, bert_pool_dir):
+    """A pool whose models are not there yet fails its run; once they are, the same command with
+    skip_completed=true reruns that run alone, in its folder, and leaves the completed one as it was."""
     late = tmp_path / "late"
     write_pool_config(tmp_path / "config", late, name="late_bert")
     sweep = tmp_path / "sweep"
@@ -148,14 +145,22 @@ def test_the_documented_resume_reruns_the_failed_runs_in_their_folders(tmp_path,
     assert run_cli(*args, cwd=tmp_path, check=False).returncode == 2
     assert [meta(report(sweep / job))["status"] for job in ("0", "1")] == ["completed", "failed"]
     completed, failed = (sweep / "0" / "report.json").read_bytes(), report(sweep / "1")
+    still_missing = run_cli(*args, "skip_completed=true", cwd=tmp_path, check=False)  # the models are not there yet: it fails again
+    assert still_missing.returncode == 2 and meta(report(sweep / "1"))["status"] == "failed"
+    assert (sweep / "0" / "report.json").read_bytes() == completed
     shutil.copytree(bert_pool_dir, late)
-    environment = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # where `fusion_bench` is installed
-    subprocess.run([sys.executable, "-", str(sweep), "--config-dir", str(tmp_path / "config")], input=recipe.group(1), text=True, cwd=tmp_path,
-                   env=environment, check=True, capture_output=True, timeout=300)  # fmt: skip
+    resumed = run_cli(*args, "skip_completed=true", cwd=tmp_path)
+    assert "skipped: this run completed before" in resumed.stdout
     rerun = report(sweep / "1")
-    assert meta(rerun)["status"] == "completed" and meta(rerun)["overrides"] == [*meta(failed)["overrides"], "report_save_overwrite=true"]
+    assert meta(rerun)["status"] == "completed" and meta(rerun)["overrides"][:-1] == meta(failed)["overrides"]
+    assert meta(rerun)["overrides"][-1].lower() == "skip_completed=true"
     assert meta(rerun)["models"]["alpha"] == str(late / "alpha")
     assert (sweep / "0" / "report.json").read_bytes() == completed  # the completed run was left alone
+    # another sweep into the same folder is not a resume: one line, nothing replaced
+    other = bert_sweep(tmp_path, bert_pool_dir, "method.scaling_factor=0.9", f"hydra.sweep.dir={sweep}", "skip_completed=true", modelpool="late_bert")
+    result = run_cli(*other, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "is the report of another run" in result.stderr
+    assert (sweep / "0" / "report.json").read_bytes() == completed
 
 
 def test_launcher_mistakes_are_one_line_errors(tmp_path, bert_pool_dir, monkeypatch):

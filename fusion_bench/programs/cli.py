@@ -103,12 +103,25 @@ def _write_failure_report(config: DictConfig, overrides: list[str], error: BaseE
     try:
         log_dir = config.get("log_dir") or OmegaConf.select(config, "path.log_dir")  # FusionBench's root configs: path.log_dir
         path = expand_log_dir(config.get("report_save_path"), log_dir, "report_save_path")
-        if not path or Path(path).exists():
+        if not path or (Path(path).exists() and not _replaceable_failure(config, path, overrides)):
             return
         record = {group: OmegaConf.to_container(config[group], resolve=False) for group in ("method", "modelpool", "taskpool") if config.get(group) is not None}
         write_report(build_report(tasks={}, model_info=None, config=record, models={}, timing={}, overrides=overrides, error=error), path)
     except (InputError, OSError, OmegaConfBaseException) as failure:
         log.warning("the failed run's report could not be written: %s", failure)
+
+
+def _replaceable_failure(config: DictConfig, path: str, overrides: list[str]) -> bool:
+    """Whether a resumed run (skip_completed) that failed again may replace the report it found:
+    the failed report of a run with the same overrides."""
+    from fusion_bench.programs.fusion_program import run_overrides
+    from fusion_bench.reporting.report import failed, meta, read_report
+
+    try:
+        report = read_report(path)
+    except (OSError, ValueError):
+        return False
+    return config.get("skip_completed") is True and failed(report) and run_overrides(meta(report)["overrides"]) == run_overrides(overrides)
 
 
 def main() -> None:

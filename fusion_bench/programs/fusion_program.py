@@ -22,7 +22,7 @@ from torch import nn
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
 from fusion_bench.models.per_task_models import PerTaskModels
 from fusion_bench.programs.multi_process import check_several_processes, is_evaluation_worker, several_processes, share_merged_model
-from fusion_bench.reporting.report import build_report, check_report_path, format_table, split_results, write_report
+from fusion_bench.reporting.report import build_report, check_report_path, failed, format_table, meta, read_report, split_results, write_report
 from fusion_bench.taskpool.base import BaseTaskPool
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import instantiate_checked, plain
@@ -44,6 +44,9 @@ class FusionProgram:
         merged_model_save_overwrite: true; nothing else is ever replaced.
       report_save_path: the JSON report ("{log_dir}" as above; null: none); an existing report is
         replaced only with report_save_overwrite: true.
+      skip_completed: where report_save_path holds the completed report of a run with the same
+        overrides, do nothing but print it; where it holds the failed report of one, run and
+        replace it. Rerunning a partly failed sweep with skip_completed=true runs only what failed.
       dry_run: build and check everything, merge nothing, write nothing.
       fast_dev_run: score a few batches per task (passed to task pools that take the key).
       print_config: print the composed config first. print_function_call: log each object built.
@@ -63,6 +66,7 @@ class FusionProgram:
         merged_model_save_overwrite: bool = False,
         report_save_path: str | None = None,
         report_save_overwrite: bool = False,
+        skip_completed: bool = False,
         dry_run: bool = False,
         fast_dev_run: bool = False,
         print_config: bool = False,
@@ -72,7 +76,7 @@ class FusionProgram:
     ):
         self.configs = {"method": method, "modelpool": modelpool, "taskpool": taskpool, "fabric": fabric}
         for key, value in (("merged_model_save_overwrite", merged_model_save_overwrite), ("report_save_overwrite", report_save_overwrite),
-                           ("dry_run", dry_run), ("fast_dev_run", fast_dev_run), ("print_config", print_config),
+                           ("skip_completed", skip_completed), ("dry_run", dry_run), ("fast_dev_run", fast_dev_run), ("print_config", print_config),
                            ("print_function_call", print_function_call)):  # fmt: skip
             if not isinstance(value, bool):
                 raise InputError(f"{key}={value!r} must be true or false")
@@ -88,6 +92,9 @@ class FusionProgram:
         self.merged_model_save_overwrite = merged_model_save_overwrite
         self.report_save_path = expand_log_dir(report_save_path, self.log_dir, "report_save_path")
         self.report_save_overwrite = report_save_overwrite
+        if skip_completed and not self.report_save_path:
+            raise InputError("skip_completed=true finds completed runs by their reports, and report_save_path is null; give a report_save_path")
+        self.skip_completed = skip_completed
         self.dry_run, self.fast_dev_run = dry_run, fast_dev_run
         self.print_config, self.print_function_call = print_config, print_function_call
 
@@ -95,6 +102,11 @@ class FusionProgram:
         """The report (None for a dry run)."""
         if self.print_config:
             print(OmegaConf.to_yaml({group: config for group, config in self.configs.items() if config is not None}, resolve=True))
+        earlier = self._earlier_report() if self.skip_completed else None
+        if earlier is not None and not failed(earlier):
+            print(f"skipped: this run completed before; its report is {self.report_save_path}")
+            print(format_table(earlier))
+            return earlier
         if self.seed is not None:
             _seed_everything(self.seed)
         method, modelpool, taskpool, fabric = self._build_parts()
@@ -157,6 +169,24 @@ class FusionProgram:
         print(format_table(report))
         return report
 
+    def _earlier_report(self) -> dict[str, Any] | None:
+        """The report at report_save_path of a run with this run's overrides (None if there is no
+        file); InputError where the file is not a fusion_bench report or is another run's."""
+        path = Path(self.report_save_path).expanduser()
+        if not path.is_file():
+            return None
+        try:
+            report = read_report(path)
+        except (OSError, ValueError):
+            raise InputError(f"report_save_path={self.report_save_path} is not a fusion_bench report; fusion_bench replaces only its own reports; give another path") from None
+        theirs, ours = run_overrides(meta(report)["overrides"]), run_overrides(hydra_overrides())
+        if theirs != ours:
+            raise InputError(
+                f"report_save_path={self.report_save_path} is the report of another run ({' '.join(theirs) or 'no overrides'}), not of this one "
+                f"({' '.join(ours) or 'no overrides'}); skip_completed resumes the same command into the same folder"
+            )
+        return report
+
     def _build_parts(self) -> tuple[Any, BaseModelPool, Any, Any]:
         """The method, the model pool, the task pool and, for a task pool that places models on
         devices, the Fabric: all built (and checked) before any work."""
@@ -183,7 +213,8 @@ class FusionProgram:
     def _check_outputs(self, modelpool: BaseModelPool, taskpool: Any) -> Path | None:
         """Refuse, before any work, outputs that would replace what the run did not write."""
         if self.report_save_path:
-            check_report_path(self.report_save_path, overwrite=self.report_save_overwrite)
+            # with skip_completed, a failed report of this same run is this run's to replace
+            check_report_path(self.report_save_path, overwrite=self.report_save_overwrite or self.skip_completed)
         modelpool.check_save_kwargs(self.merged_model_save_kwargs, saving=bool(self.merged_model_save_path))
         if not self.merged_model_save_path:
             return None
@@ -251,6 +282,12 @@ def _check_scores_per_task_models(taskpool: Any, modelpool: BaseModelPool) -> No
     if not isinstance(taskpool, BaseTaskPool):
         raise InputError(f"the method makes one model per task, which {type(taskpool).__name__} cannot score; use a fusion_bench task pool")
     taskpool.check_per_task_models(modelpool.model_names)
+
+
+def run_overrides(overrides: list[str]) -> list[str]:
+    """The overrides that make a run what it is, sorted: not those saying whether to skip or
+    replace it (skip_completed, report_save_overwrite)."""
+    return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("skip_completed", "report_save_overwrite"))
 
 
 def hydra_overrides() -> list[str]:

@@ -1,10 +1,11 @@
 # Sourced by the reproduction scripts: `sweep <directory> <overrides...>` runs one Hydra multirun
-# into <directory>, and skips it when a previous call completed it (it leaves <directory>/.done),
-# so an interrupted script resumes where it stopped. $FUSION_BENCH names the command to run.
+# into <directory>, and skips it when a previous call completed it (it leaves <directory>/.done).
+# Within a partly failed sweep, skip_completed=true skips the runs that completed, so running the
+# script again (once the cause is fixed) resumes where it stopped. $FUSION_BENCH names the command.
 sweep() {
   local dir=$1; shift
   if [ -f "$dir/.done" ]; then return; fi
-  "${FUSION_BENCH:-fusion_bench}" --multirun "hydra.sweep.dir=$dir" "$@"
+  "${FUSION_BENCH:-fusion_bench}" --multirun "hydra.sweep.dir=$dir" skip_completed=true "$@"
   touch "$dir/.done"
 }
 
