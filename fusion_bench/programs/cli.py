@@ -114,14 +114,14 @@ def _write_failure_report(config: DictConfig, overrides: list[str], error: BaseE
 def _replaceable_failure(config: DictConfig, path: str, overrides: list[str]) -> bool:
     """Whether a resumed run (skip_completed) that failed again may replace the report it found:
     the failed report of a run with the same overrides."""
-    from fusion_bench.programs.fusion_program import run_overrides
-    from fusion_bench.reporting.report import failed, meta, read_report
+    from fusion_bench.programs.fusion_program import same_run
+    from fusion_bench.reporting.report import failed, read_report
 
     try:
         report = read_report(path)
     except (OSError, ValueError):
         return False
-    return config.get("skip_completed") is True and failed(report) and run_overrides(meta(report)["overrides"]) == run_overrides(overrides)
+    return config.get("skip_completed") is True and failed(report) and same_run(report, overrides)
 
 
 def main() -> None:

@@ -179,8 +179,8 @@ class FusionProgram:
             report = read_report(path)
         except (OSError, ValueError):
             raise InputError(f"report_save_path={self.report_save_path} is not a fusion_bench report; fusion_bench replaces only its own reports; give another path") from None
-        theirs, ours = run_overrides(meta(report)["overrides"]), run_overrides(hydra_overrides())
-        if theirs != ours:
+        if not same_run(report, hydra_overrides()):
+            theirs, ours = run_overrides(meta(report)["overrides"]), run_overrides(hydra_overrides())
             raise InputError(
                 f"report_save_path={self.report_save_path} is the report of another run ({' '.join(theirs) or 'no overrides'}), not of this one "
                 f"({' '.join(ours) or 'no overrides'}); skip_completed resumes the same command into the same folder"
@@ -288,6 +288,11 @@ def run_overrides(overrides: list[str]) -> list[str]:
     """The overrides that make a run what it is, sorted: not those saying whether to skip or
     replace it (skip_completed, report_save_overwrite)."""
     return sorted(o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in ("skip_completed", "report_save_overwrite"))
+
+
+def same_run(report: Mapping[str, Any], overrides: list[str]) -> bool:
+    """Whether `report` is of a run with these overrides (as skip_completed compares them)."""
+    return run_overrides(meta(report)["overrides"]) == run_overrides(overrides)
 
 
 def hydra_overrides() -> list[str]:
