@@ -1,9 +1,10 @@
 """Walk the aligned tensors of several models key by key, and each key in cache-sized chunks.
 
-For each key, every model's tensor is fetched (lazy state dicts map it from disk, zero-copy) and
-dropped after the key. Within a key, the math runs on one [n_models, width] chunk at a time: a
-chain of elementwise ops over a chunk that fits in cache runs several times faster than the same
-chain over whole tensors, which is bound by memory bandwidth.
+For each key, every model's tensor is fetched (lazy state dicts map it from disk, unread) and
+dropped after the key. Within a key, the math runs on one [n_models, width] chunk at a time, read
+from the checkpoint files into one buffer (fusion_bench.utils.file_backed): a chain of elementwise
+ops over a chunk that fits in cache runs several times faster than the same chain over whole
+tensors, which is bound by memory bandwidth.
 """
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor
 
 from fusion_bench.utils.errors import InputError
-from fusion_bench.utils.mapped_pages import release_before
+from fusion_bench.utils.file_backed import read_chunk
 from fusion_bench.utils.progress import progress_bar
 
 CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
@@ -45,26 +46,18 @@ def aligned_chunks(
     numel = sources[0].numel()
     width = max(1, min(numel, CHUNK_ELEMENTS // len(sources)))
     buffer = torch.empty(len(sources), width)
-    direct = task_vectors and all(source.dtype == torch.float32 for source in sources)
     for start in range(0, numel, width):
         positions = slice(start, min(start + width, numel))
         stack = buffer[:, : positions.stop - start]
-        if direct:  # subtract straight from the sources, skipping a copy
-            stack[0].copy_(sources[0][positions])
-            for row in range(1, len(sources)):
-                torch.sub(sources[row][positions], sources[0][positions], out=stack[row])
-        else:
-            for row, source in enumerate(sources):
-                stack[row].copy_(source[positions])
-            if task_vectors:
-                stack[1:].sub_(stack[0])
+        for row, (tensor, source) in enumerate(zip(tensors, sources)):
+            read_chunk(tensor, source, positions, stack[row])
+        if task_vectors:
+            stack[1:].sub_(stack[0])
         # A float32 sum is NaN or inf whenever an element is, and costs little; only then look
         # closer at the sources (a sum, or a difference, of large finite values may overflow).
         if check_finite and not torch.isfinite(stack.sum()):
             _raise_if_not_finite(sources, names, positions, key)
         yield positions, stack
-        for tensor in tensors:  # file-mapped ones give back the chunk's pages: memory holds a chunk of each model
-            release_before(tensor, positions.stop)
 
 
 def merge_elementwise(

@@ -3,19 +3,22 @@
 A mapping of the whole file would count every page read towards the process's resident memory
 until the file is closed: streaming nine checkpoints would show nine models' worth of RSS. Here
 each tensor gets a mapping of its own byte range that lives exactly as long as the tensor, so
-reading is zero-copy and memory holds only the tensors in use; a tensor walked in chunks can give
-back the pages it is done with (fusion_bench.utils.mapped_pages).
+reading is zero-copy and memory holds only the tensors in use; a tensor walked in chunks is read
+from the file instead, chunk by chunk (fusion_bench.utils.file_backed).
 """
 
+import ctypes
 import json
 import mmap
+import os
 import struct
+import weakref
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from fusion_bench.utils import mapped_pages
+from fusion_bench.utils import file_backed
 from fusion_bench.utils.errors import InputError
 
 _DTYPES = {
@@ -49,6 +52,17 @@ class SafetensorsFile:
         header.pop("__metadata__", None)
         self._data_start = 8 + header_size
         self._entries = header
+        self._open = None
+
+    def __getstate__(self) -> dict:  # a copy (pickled for another process, say) opens the file anew
+        return {**self.__dict__, "_open": None}
+
+    def _file(self):
+        """The file, open for reading while this object lives: the tensors' mappings and chunk reads use it."""
+        if self._open is None:
+            self._open = open(self.path, "rb", buffering=0)
+            weakref.finalize(self, self._open.close)
+        return self._open
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -70,25 +84,25 @@ class SafetensorsFile:
         if begin == end:
             return torch.empty(self.shape(key), dtype=self.dtype(key))
         page_start = begin - begin % mmap.ALLOCATIONGRANULARITY
-        with open(self.path, "rb") as f:
-            mapped = mmap.mmap(f.fileno(), end - page_start, offset=page_start, access=mmap.ACCESS_COPY)
+        mapped = mmap.mmap(self._file().fileno(), end - page_start, offset=page_start, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - page_start)
         tensor = data.view(self.dtype(key)).reshape(self.shape(key))
-        mapped_pages.register(tensor, _PageRelease(mapped, begin - page_start, tensor.element_size()))
+        file_backed.register(tensor, _FileRange(self, key, begin, tensor.element_size()))
         return tensor
 
 
-class _PageRelease:
-    """Drops the mapped pages that hold only a tensor's first n entries (fusion_bench.utils.
-    mapped_pages). Never-written pages of a private mapping come back from the file if read
-    again, so this only ever costs a re-read."""
+class _FileRange:
+    """Reads a tensor's entries from its file into a buffer (fusion_bench.utils.file_backed)."""
 
-    def __init__(self, mapped: mmap.mmap, offset: int, itemsize: int):
-        self.mapped, self.offset, self.itemsize = mapped, offset, itemsize
-        self.released = 0  # bytes from the mapping's start
+    def __init__(self, file: SafetensorsFile, key: str, begin: int, itemsize: int):
+        self.file, self.key, self.begin, self.itemsize = file, key, begin, itemsize
 
-    def __call__(self, entries: int) -> None:
-        end = (self.offset + entries * self.itemsize) // mmap.PAGESIZE * mmap.PAGESIZE
-        if end > self.released:
-            self.mapped.madvise(mmap.MADV_DONTNEED, self.released, end - self.released)
-            self.released = end
+    def __call__(self, start: int, out: Tensor) -> None:
+        size = out.numel() * self.itemsize
+        buffer = memoryview((ctypes.c_char * size).from_address(out.data_ptr())).cast("B")
+        offset, descriptor = self.begin + start * self.itemsize, self.file._file().fileno()
+        while buffer:
+            count = os.preadv(descriptor, [buffer], offset)
+            if count == 0:
+                raise InputError(f"{self.file.path} is truncated: tensor {self.key!r} is incomplete")
+            buffer, offset = buffer[count:], offset + count
