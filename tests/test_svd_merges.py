@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fusion_bench.merging.isotropic import iso_c_merge, iso_cts_dimensions, iso_cts_merge
-from fusion_bench.merging.svd import thin_svd, top_singular_triplets
+from fusion_bench.merging.svd import leading_subspace, thin_svd, top_singular_triplets
 from fusion_bench.merging.task_singular_vectors import polar_factor, task_singular_vectors, tsv_merge
 from fusion_bench.method import (
     ISO_C_Merge,
@@ -91,9 +91,11 @@ PLAIN_LOW_RANK_CASES = [
 
 @pytest.mark.parametrize("case", PLAIN_LOW_RANK_CASES, ids=[c["case"] for c in PLAIN_LOW_RANK_CASES])
 def test_is_at_least_as_near_the_float64_merge_as_the_reference(case):
-    """Our top singular triplets come from float64 Gram matrices (fusion_bench.merging.svd), the
-    reference's from float32 SVDs: on the low-rank pool, whose small singular values float32
-    resolves least well, ours is the nearer of the two to the merge computed in float64."""
+    """TSV-M's and Iso-CTS's top singular triplets (and Iso-CTS's split of the common subspace)
+    come from float64 Gram matrices here (fusion_bench.merging.svd), the reference's from float32
+    SVDs: on the low-rank pool, whose small singular values float32 resolves least well, ours is
+    the nearer of the two to the merge computed in float64. Iso-C takes the same float32 SVD as
+    the reference, so there the two are as near, up to rounding that varies with the CPU."""
     state_dicts = RECORDED.state_dicts("lowrank")
     theta0 = state_dicts.pop("_pretrained_")
     ours = METHODS[case["method"]](**case["params"]).run(RECORDED.pool("lowrank")).state_dict()
@@ -104,7 +106,10 @@ def test_is_at_least_as_near_the_float64_merge_as_the_reference(case):
         truth = theta0[key].double() + float64_merge(case, task_vectors)
         ours_error = max(ours_error, (ours[key].double() - truth).abs().max().item())
         reference_error = max(reference_error, (reference[key].double() - truth).abs().max().item())
-    assert ours_error <= reference_error
+    if case["method"] == "ISO_C_Merge":
+        assert ours_error <= 2 * reference_error
+    else:
+        assert ours_error <= reference_error
 
 
 # ---------------------------------------------------------------- dense oracles (float64)
@@ -206,6 +211,25 @@ def test_top_singular_triplets_of_rank_deficient_matrices_come_from_lapack():
     expected_u, expected_s, expected_vh = torch.linalg.svd(matrices, full_matrices=False)
     assert torch.equal(u[:2], expected_u[:2, :, :3]) and torch.equal(s[:2], expected_s[:2, :3]) and torch.equal(vh[:2], expected_vh[:2, :3])
     assert torch.allclose(s[2], expected_s[2, :3], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (16, 16), (30, 12)], ids=str)
+def test_leading_subspace_matches_a_float64_svd_and_completes_the_basis(shape):
+    matrix = random_task_vectors(1, *shape, seed=sum(shape))[0]
+    expected_u, expected_s, expected_vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+    u, s, vh, complement = leading_subspace(matrix, 5)
+    assert torch.allclose(s.double(), expected_s[:5], rtol=1e-6, atol=0)
+    assert ((u * s) @ vh - (expected_u[:, :5] * expected_s[:5]) @ expected_vh[:5]).abs().max() < 1e-5
+    if shape[0] > shape[1]:
+        assert complement is None
+        return
+    basis = torch.cat([u, complement], dim=1).double()  # [m, m], orthonormal: the projectors are exact
+    assert complement.shape == (shape[0], shape[0] - 5)
+    assert (basis.T @ basis - torch.eye(shape[0], dtype=torch.float64)).abs().max() < 1e-6
+    low_rank = random_task_vectors(1, shape[0], 2, seed=1)[0] @ random_task_vectors(1, 2, shape[1], seed=2)[0]
+    u, s, vh, complement = leading_subspace(low_rank, 3)  # σ_3 at rounding level: from gesdd
+    expected = torch.linalg.svd(low_rank, full_matrices=False)
+    assert torch.equal(u, expected[0][:, :3]) and torch.equal(complement, expected[0][:, 3:]) and torch.equal(s, expected[1][:3])
 
 
 def test_tsv_of_more_tasks_than_the_rank_is_zero():

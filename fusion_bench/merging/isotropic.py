@@ -17,7 +17,7 @@ the k = c + T·d directions together and flatten their spectrum:
 import torch
 from torch import Tensor
 
-from fusion_bench.merging.svd import thin_svd, top_singular_triplets
+from fusion_bench.merging.svd import leading_subspace, thin_svd, top_singular_triplets
 from fusion_bench.merging.task_singular_vectors import polar_factor
 
 
@@ -47,24 +47,22 @@ def iso_cts_merge(task_vectors: Tensor, common_space_fraction: float) -> Tensor:
     module docstring); task_vectors is [T, m, n], 0 < common_space_fraction ≤ 1."""
     n_tasks, rows, cols = task_vectors.shape
     common, per_task = iso_cts_dimensions(min(rows, cols), n_tasks, common_space_fraction)
-    u, s, vh = thin_svd(task_vectors.sum(dim=0))
-    u_common, s_common, vh_common = u[:, :common], s[:common], vh[:common]
+    u_common, s_common, vh_common, complement = leading_subspace(task_vectors.sum(dim=0), common)
     if per_task:
-        u_own, s_own, vh_own = own_directions(task_vectors, u, common, per_task)
+        u_own, s_own, vh_own = own_directions(task_vectors, u_common, complement, per_task)
         u_common = torch.cat([u_own.permute(1, 0, 2).reshape(rows, n_tasks * per_task), u_common], dim=1)
         s_common = torch.cat([s_own.reshape(n_tasks * per_task), s_common])
         vh_common = torch.cat([vh_own.reshape(n_tasks * per_task, cols), vh_common])
     return s_common.mean() * (polar_factor(u_common) @ polar_factor(vh_common))
 
 
-def own_directions(task_vectors: Tensor, u: Tensor, common: int, per_task: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The top `per_task` singular triplets of each τ_t − U_c U_cᵀ τ_t, U_c = u[:, :common] (u from
-    the thin SVD of Σ_t τ_t): U [T, m, d], S [T, d], Vᴴ [T, d, n]."""
-    if u.shape[0] == u.shape[1]:
-        # u is square (m ≤ n), so I − U_c U_cᵀ = U_⊥ U_⊥ᵀ with U_⊥ = u[:, common:]: τ_t's part
-        # outside is U_⊥ (U_⊥ᵀ τ_t), whose triplets come from a [m − c, n] matrix, not an [m, n] one
-        complement = u[:, common:]
+def own_directions(task_vectors: Tensor, u_common: Tensor, complement: Tensor | None, per_task: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top `per_task` singular triplets of each τ_t − U_c U_cᵀ τ_t, U_c = u_common (the top
+    directions of Σ_t τ_t), `complement` the rest of its left singular basis where that basis is
+    square: U [T, m, d], S [T, d], Vᴴ [T, d, n]."""
+    if complement is not None:
+        # I − U_c U_cᵀ = U_⊥ U_⊥ᵀ with U_⊥ = complement: τ_t's part outside is U_⊥ (U_⊥ᵀ τ_t),
+        # whose triplets come from a [m − c, n] matrix, not an [m, n] one
         u_own, s_own, vh_own = top_singular_triplets(complement.T @ task_vectors, per_task)
         return complement @ u_own, s_own, vh_own
-    u_common = u[:, :common]
     return top_singular_triplets(task_vectors - u_common @ (u_common.T @ task_vectors), per_task)  # no m×m projector
