@@ -170,6 +170,23 @@ def test_dare_task_arithmetic_and_simple_average_equal_the_oracle(kind, rescale)
         assert_close(merged_state(method, as_modules(state_dicts, data_free_fixture_module)), expected)
 
 
+def test_drops_inside_the_stream_equal_whole_tensor_drops_bit_for_bit(monkeypatch):
+    """DARE task arithmetic drops each chunk in the stream; the same merge over whole-tensor drops
+    (TaskVectorViews over a zero θ₀, as DARE-TIES runs) gives the same float32 weights exactly."""
+    from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
+    from fusion_bench.merging.task_vector_views import TaskVectorView, ZerosView, add_pretrained
+
+    monkeypatch.setattr(streaming, "CHUNK_ELEMENTS", 40)  # many chunks per tensor
+    state_dicts = RECORDED.state_dicts("normal")
+    pretrained = state_dicts.pop("_pretrained_")
+    merged = merged_state(DareTaskArithmetic(scaling_factor=0.4, sparsity_ratio=0.6, seed=5), as_modules({"_pretrained_": pretrained, **state_dicts}, data_free_fixture_module))
+    views = {name: TaskVectorView(pretrained, state_dict, dare_transform(5, name, 0.6, rescale=True)) for name, state_dict in state_dicts.items()}
+    expected = {key: torch.empty_like(value) for key, value in pretrained.items()}
+    task_arithmetic_merge(ZerosView(pretrained), views, expected, list(pretrained), scaling_factor=0.4)
+    add_pretrained(pretrained, expected, list(pretrained))
+    assert all(torch.equal(merged[key], expected[key]) for key in pretrained)
+
+
 @pytest.mark.parametrize("merge_func", ["sum", "mean", "max"])
 @pytest.mark.parametrize(("threshold", "trim_scope"), [(20, "global"), (60, "global"), (5, "global"), (20, "tensor")])
 def test_dare_ties_equals_the_oracle_on_the_dropped_task_vectors(merge_func, threshold, trim_scope):

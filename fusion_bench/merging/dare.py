@@ -3,13 +3,17 @@
 d(τ) = m ⊙ τ / (1 − p), where each entry of the mask m is kept (1) with probability 1 − p,
 independently: then E[d(τ)] = τ. The merges run on the d(τ_t) as they would on the τ_t.
 
-A mask is reproducible from (seed, model name, key) alone: it is drawn whole, by a generator seeded
-with a stable hash of the three, so it does not depend on the order the keys are read in, on how a
-tensor is chunked, or on how often a merge reads the tensor (TIES reads each key more than once).
+A mask is reproducible from (seed, model name, key) alone: it is drawn by a generator seeded with a
+stable hash of the three, entry by entry from the tensor's first to its last, so it does not depend
+on the order the keys are read in, on how a tensor is chunked, or on how often a merge reads the
+tensor (TIES reads each key more than once). Task arithmetic and averaging drop each chunk inside
+their stream (`chunk_drops`): torch's CPU generator fills a tensor entry by entry, so drawing a
+tensor's chunks in order gives the mask drawn whole, and the whole-tensor passes are saved. TIES,
+which samples entries out of order, drops whole tensors (`dare_transform`).
 """
 
 import hashlib
-from collections.abc import Container
+from collections.abc import Callable, Container, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -45,7 +49,11 @@ def random_drop(task_vector: Tensor, sparsity_ratio: float, generator: torch.Gen
     """
     if sparsity_ratio == 0:
         return task_vector
-    dropped = task_vector * keep_mask(task_vector.shape, sparsity_ratio, generator).to(task_vector.device)
+    return _drop(task_vector, sparsity_ratio, generator, rescale=rescale)
+
+
+def _drop(task_vector: Tensor, sparsity_ratio: float, generator: torch.Generator, *, rescale: bool, out: Tensor | None = None) -> Tensor:
+    dropped = torch.mul(task_vector, keep_mask(task_vector.shape, sparsity_ratio, generator).to(task_vector.device), out=out)
     return dropped.div_(1 - sparsity_ratio) if rescale else dropped
 
 
@@ -61,3 +69,24 @@ def dare_transform(seed: int, model: str, sparsity_ratio: float, *, rescale: boo
         return random_drop(task_vector, sparsity_ratio, generator, rescale=rescale)
 
     return drop
+
+
+# for one key: {model name: the in-place drop of that model's τ, fed its chunks first to last}
+ChunkDrops = Callable[[str], Mapping[str, Callable[[Tensor], None]]]
+
+
+def chunk_drops(seed: int, models: Sequence[str], sparsity_ratio: float, *, rescale: bool, dropped_keys: Container[str] | None = None) -> ChunkDrops:
+    """dare_transform's drops, chunk by chunk (streaming.aligned_chunks' `row_transforms`): each
+    (model, key)'s generator, seeded as there, goes on drawing from one chunk to the next, so
+    the chunks' masks make up the whole tensor's."""
+
+    def for_key(key: str) -> dict[str, Callable[[Tensor], None]]:
+        if sparsity_ratio == 0 or (dropped_keys is not None and key not in dropped_keys):
+            return {}
+        return {model: _continuing_drop(torch.Generator().manual_seed(mask_seed(seed, model, key)), sparsity_ratio, rescale) for model in models}
+
+    return for_key
+
+
+def _continuing_drop(generator: torch.Generator, sparsity_ratio: float, rescale: bool) -> Callable[[Tensor], None]:
+    return lambda chunk: _drop(chunk, sparsity_ratio, generator, rescale=rescale, out=chunk)

@@ -32,15 +32,23 @@ def progress(keys: Sequence[str], desc: str) -> Iterator[str]:
 
 
 def aligned_chunks(
-    models: Mapping[str, StateDict], key: str, *, task_vectors: bool, check_finite: bool
+    models: Mapping[str, StateDict],
+    key: str,
+    *,
+    task_vectors: bool,
+    check_finite: bool,
+    row_transforms: Mapping[str, Callable[[Tensor], None]] | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Yield (positions, stack): stack[i] is model i's `key`, flattened, float32, at positions.
 
     task_vectors: rows after the first are θ_t − θ₀, the first model being θ₀.
     check_finite: raise InputError, naming the model, on NaN or Inf.
+    row_transforms: {model name: f}, f changing that model's row of each chunk in place (after the
+    subtraction and the check), the chunks in order from the first.
     The stack is a reused buffer: use it (it may be modified) before asking for the next chunk.
     """
     names = list(models)
+    transforms = [(names.index(name), transform) for name, transform in (row_transforms or {}).items()]
     tensors = [models[name][key] for name in names]
     sources = [tensor.reshape(-1) for tensor in tensors]
     numel = sources[0].numel()
@@ -57,21 +65,32 @@ def aligned_chunks(
         # closer at the sources (a sum, or a difference, of large finite values may overflow).
         if check_finite and not torch.isfinite(stack.sum()):
             _raise_if_not_finite(sources, names, positions, key)
+        for row, transform in transforms:
+            transform(stack[row])
         yield positions, stack
 
 
 def merge_elementwise(
-    models: Mapping[str, StateDict], out: StateDict, keys: Sequence[str], combine: Callable[[Tensor], Tensor], *, task_vectors: bool, desc: str
+    models: Mapping[str, StateDict],
+    out: StateDict,
+    keys: Sequence[str],
+    combine: Callable[[Tensor], Tensor],
+    *,
+    task_vectors: bool,
+    desc: str,
+    row_transforms: Callable[[str], Mapping[str, Callable[[Tensor], None]]] | None = None,
 ) -> None:
     """Write combine(stack) into out[key] for every key, chunk by chunk, for merges where each
     output entry depends only on the models' entries at the same place.
 
     stack is aligned_chunks' [n_models, width] float32 chunk (rows after the first are task
     vectors if `task_vectors`), checked for NaN and Inf; combine returns the [width] output.
+    row_transforms(key), if given, is aligned_chunks' `row_transforms` for that key.
     """
     for key in progress(keys, desc):
         output = FlatOutput(out[key])
-        for positions, stack in aligned_chunks(models, key, task_vectors=task_vectors, check_finite=True):
+        transforms = row_transforms(key) if row_transforms else None
+        for positions, stack in aligned_chunks(models, key, task_vectors=task_vectors, check_finite=True, row_transforms=transforms):
             output[positions] = combine(stack)
         output.finish()
 

@@ -1,6 +1,8 @@
 """Task arithmetic, streamed: θ = θ₀ + λ·Σ_t (θ_t − θ₀)."""
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import Tensor
 
 from fusion_bench.merging.streaming import StateDict, merge_elementwise
 
@@ -12,7 +14,17 @@ def task_arithmetic_merge(
     keys: Sequence[str],
     *,
     scaling_factor: float,
+    task_vector_transforms: Callable[[str], Mapping[str, Callable[[Tensor], None]]] | None = None,
 ) -> None:
-    """Write θ₀ + λ·Σ_t τ_t into out[key] for every key, chunk by chunk."""
+    """Write θ₀ + λ·Σ_t τ_t into out[key] for every key, chunk by chunk; task_vector_transforms
+    change the τ_t in the stream first (merge_elementwise's `row_transforms`: DARE's drops)."""
     models = {"_pretrained_": pretrained, **finetuned}
-    merge_elementwise(models, out, keys, lambda stack: stack[0] + scaling_factor * stack[1:].sum(dim=0), task_vectors=True, desc="task arithmetic")
+    merge_elementwise(
+        models,
+        out,
+        keys,
+        lambda stack: stack[0] + scaling_factor * stack[1:].sum(dim=0),
+        task_vectors=True,
+        desc="task arithmetic",
+        row_transforms=task_vector_transforms,
+    )

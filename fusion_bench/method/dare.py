@@ -1,8 +1,10 @@
 """DARE (Yu et al., ICML 2024): drop and rescale each task vector, then average, add or TIES-merge.
 
-The math is fusion_bench.merging.dare. The dropped task vectors are handed to the existing merges
-as TaskVectorViews over a zero θ₀, and θ₀ is added at the end (see merging.task_vector_views): the
-merges, their streaming and their rounding are those of task arithmetic and TIES.
+The math is fusion_bench.merging.dare. Task arithmetic and averaging drop each chunk of τ_t inside
+their stream, so they cost a plain task arithmetic plus the draws. TIES, which reads samples of the
+task vectors out of order, gets the dropped task vectors as TaskVectorViews over a zero θ₀, and θ₀
+is added at the end (see merging.task_vector_views). Either way the merges, their streaming and
+their rounding are those of task arithmetic and TIES.
 """
 
 from collections.abc import Mapping, Sequence
@@ -10,7 +12,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion_bench.merging.dare import check_sparsity_ratio, dare_transform
+from fusion_bench.merging.dare import ChunkDrops, check_sparsity_ratio, chunk_drops, dare_transform
 from fusion_bench.merging.disjoint_merge import check_merge_func
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
 from fusion_bench.merging.task_vector_views import TaskVectorView, ZerosView, add_pretrained
@@ -46,12 +48,20 @@ class _DareAlgorithm(BaseAlgorithm):
 
     def dropped_task_vectors(self, inputs: MergeInputs, merged: nn.Module) -> dict[str, TaskVectorView]:
         """d(τ_t) for every task model, as views computed key by key when a merge asks."""
-        seed = self.seed if self.seed is not None else torch.initial_seed()
-        dropped_keys = _linear_weight_keys(merged, inputs) if self.only_on_linear_weights else None
+        seed, dropped_keys = self._seed_and_dropped_keys(inputs, merged)
         return {
             name: TaskVectorView(inputs.pretrained, state_dict, dare_transform(seed, name, self.sparsity_ratio, rescale=self.rescale, dropped_keys=dropped_keys))
             for name, state_dict in inputs.finetuned.items()
         }
+
+    def drops(self, inputs: MergeInputs, merged: nn.Module) -> ChunkDrops:
+        """The same drops, applied to the chunks of a stream over the task models (equal masks)."""
+        seed, dropped_keys = self._seed_and_dropped_keys(inputs, merged)
+        return chunk_drops(seed, list(inputs.finetuned), self.sparsity_ratio, rescale=self.rescale, dropped_keys=dropped_keys)
+
+    def _seed_and_dropped_keys(self, inputs: MergeInputs, merged: nn.Module) -> tuple[int, set[str] | None]:
+        seed = self.seed if self.seed is not None else torch.initial_seed()
+        return seed, _linear_weight_keys(merged, inputs) if self.only_on_linear_weights else None
 
 
 def _linear_weight_keys(model: nn.Module, inputs: MergeInputs) -> set[str]:
@@ -80,9 +90,8 @@ class DareTaskArithmetic(_DareAlgorithm):
         inputs = merge_inputs(pool, method="dare/task_arithmetic", need_pretrained=True)
         merged = output_model(pool, PRETRAINED, inputs.keys)
         out = merged.state_dict()
-        task_vectors = self.dropped_task_vectors(inputs, merged)
-        task_arithmetic_merge(ZerosView(inputs.pretrained), task_vectors, out, inputs.keys, scaling_factor=self.scaling_factor)
-        add_pretrained(inputs.pretrained, out, inputs.keys)
+        drops = self.drops(inputs, merged)
+        task_arithmetic_merge(inputs.pretrained, inputs.finetuned, out, inputs.keys, scaling_factor=self.scaling_factor, task_vector_transforms=drops)
         return merged
 
 
