@@ -37,8 +37,9 @@ def mask_seed(seed: int, model: str, key: str) -> int:
 
 
 def keep_mask(shape: torch.Size, sparsity_ratio: float, generator: torch.Generator) -> Tensor:
-    """m_i = [u_i ≥ p], u_i ~ U[0, 1) drawn by `generator`: each entry kept with probability 1 − p."""
-    return torch.rand(shape, generator=generator) >= sparsity_ratio
+    """m_i = [u_i ≥ p] as float32 0 or 1, u_i ~ U[0, 1) drawn by `generator`: each entry kept with
+    probability 1 − p. Compared in place, as floats: a boolean tensor costs a pass more on CPU."""
+    return torch.rand(shape, generator=generator).ge_(sparsity_ratio)
 
 
 def random_drop(task_vector: Tensor, sparsity_ratio: float, generator: torch.Generator, *, rescale: bool) -> Tensor:
