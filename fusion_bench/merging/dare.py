@@ -13,11 +13,12 @@ which samples entries out of order, drops whole tensors (`dare_transform`).
 """
 
 import hashlib
-from collections.abc import Callable, Container, Mapping, Sequence
+from collections.abc import Container, Sequence
 
 import torch
 from torch import Tensor
 
+from fusion_bench.merging.streaming import RowTransform, RowTransformsPerKey
 from fusion_bench.merging.task_vector_views import TaskVectorTransform
 from fusion_bench.utils.errors import InputError
 
@@ -72,16 +73,12 @@ def dare_transform(seed: int, model: str, sparsity_ratio: float, *, rescale: boo
     return drop
 
 
-# for one key: {model name: the in-place drop of that model's τ, fed its chunks first to last}
-ChunkDrops = Callable[[str], Mapping[str, Callable[[Tensor], None]]]
-
-
-def chunk_drops(seed: int, models: Sequence[str], sparsity_ratio: float, *, rescale: bool, dropped_keys: Container[str] | None = None) -> ChunkDrops:
+def chunk_drops(seed: int, models: Sequence[str], sparsity_ratio: float, *, rescale: bool, dropped_keys: Container[str] | None = None) -> RowTransformsPerKey:
     """dare_transform's drops, chunk by chunk (streaming.aligned_chunks' `row_transforms`): each
     (model, key)'s generator, seeded as there, goes on drawing from one chunk to the next, so
     the chunks' masks make up the whole tensor's."""
 
-    def for_key(key: str) -> dict[str, Callable[[Tensor], None]]:
+    def for_key(key: str) -> dict[str, RowTransform]:
         if sparsity_ratio == 0 or (dropped_keys is not None and key not in dropped_keys):
             return {}
         return {model: _continuing_drop(torch.Generator().manual_seed(mask_seed(seed, model, key)), sparsity_ratio, rescale) for model in models}
@@ -89,5 +86,5 @@ def chunk_drops(seed: int, models: Sequence[str], sparsity_ratio: float, *, resc
     return for_key
 
 
-def _continuing_drop(generator: torch.Generator, sparsity_ratio: float, rescale: bool) -> Callable[[Tensor], None]:
+def _continuing_drop(generator: torch.Generator, sparsity_ratio: float, rescale: bool) -> RowTransform:
     return lambda chunk: _drop(chunk, sparsity_ratio, generator, rescale=rescale, out=chunk)

@@ -19,6 +19,8 @@ from fusion_bench.utils.progress import progress_bar
 CHUNK_ELEMENTS = 1 << 19  # elements per chunk over all models: about a core's L2 cache
 
 StateDict = Mapping[str, Tensor]
+RowTransform = Callable[[Tensor], None]  # changes one model's row of a chunk in place
+RowTransformsPerKey = Callable[[str], Mapping[str, RowTransform]]  # key → {model name: its RowTransform}
 
 
 def flat_numel(sizes: Mapping[str, int], weights: Mapping[str, int]) -> int:
@@ -37,7 +39,7 @@ def aligned_chunks(
     *,
     task_vectors: bool,
     check_finite: bool,
-    row_transforms: Mapping[str, Callable[[Tensor], None]] | None = None,
+    row_transforms: Mapping[str, RowTransform] | None = None,
 ) -> Iterator[tuple[slice, Tensor]]:
     """Yield (positions, stack): stack[i] is model i's `key`, flattened, float32, at positions.
 
@@ -78,7 +80,7 @@ def merge_elementwise(
     *,
     task_vectors: bool,
     desc: str,
-    row_transforms: Callable[[str], Mapping[str, Callable[[Tensor], None]]] | None = None,
+    row_transforms: RowTransformsPerKey | None = None,
 ) -> None:
     """Write combine(stack) into out[key] for every key, chunk by chunk, for merges where each
     output entry depends only on the models' entries at the same place.

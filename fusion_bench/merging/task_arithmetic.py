@@ -1,10 +1,8 @@
 """Task arithmetic, streamed: θ = θ₀ + λ·Σ_t (θ_t − θ₀)."""
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
-from torch import Tensor
-
-from fusion_bench.merging.streaming import StateDict, merge_elementwise
+from fusion_bench.merging.streaming import RowTransformsPerKey, StateDict, merge_elementwise
 
 
 def task_arithmetic_merge(
@@ -14,7 +12,7 @@ def task_arithmetic_merge(
     keys: Sequence[str],
     *,
     scaling_factor: float,
-    task_vector_transforms: Callable[[str], Mapping[str, Callable[[Tensor], None]]] | None = None,
+    task_vector_transforms: RowTransformsPerKey | None = None,
 ) -> None:
     """Write θ₀ + λ·Σ_t τ_t into out[key] for every key, chunk by chunk; task_vector_transforms
     change the τ_t in the stream first (merge_elementwise's `row_transforms`: DARE's drops)."""

@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from fusion_bench.merging.dare import ChunkDrops, check_sparsity_ratio, chunk_drops, dare_transform
+from fusion_bench.merging.dare import check_sparsity_ratio, chunk_drops, dare_transform
 from fusion_bench.merging.disjoint_merge import check_merge_func
+from fusion_bench.merging.streaming import RowTransformsPerKey
 from fusion_bench.merging.task_arithmetic import task_arithmetic_merge
 from fusion_bench.merging.task_vector_views import TaskVectorView, ZerosView, add_pretrained
 from fusion_bench.merging.ties import check_trim_scope, ties_merge
@@ -54,7 +55,7 @@ class _DareAlgorithm(BaseAlgorithm):
             for name, state_dict in inputs.finetuned.items()
         }
 
-    def drops(self, inputs: MergeInputs, merged: nn.Module) -> ChunkDrops:
+    def drops(self, inputs: MergeInputs, merged: nn.Module) -> RowTransformsPerKey:
         """The same drops, applied to the chunks of a stream over the task models (equal masks)."""
         seed, dropped_keys = self._seed_and_dropped_keys(inputs, merged)
         return chunk_drops(seed, list(inputs.finetuned), self.sparsity_ratio, rescale=self.rescale, dropped_keys=dropped_keys)
