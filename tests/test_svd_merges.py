@@ -227,9 +227,9 @@ def test_leading_subspace_matches_a_float64_svd_and_completes_the_basis(shape):
     assert complement.shape == (shape[0], shape[0] - 5)
     assert (basis.T @ basis - torch.eye(shape[0], dtype=torch.float64)).abs().max() < 1e-6
     low_rank = random_task_vectors(1, shape[0], 2, seed=1)[0] @ random_task_vectors(1, 2, shape[1], seed=2)[0]
-    u, s, vh, complement = leading_subspace(low_rank, 3)  # σ_3 at rounding level: from gesdd
-    expected = torch.linalg.svd(low_rank, full_matrices=False)
-    assert torch.equal(u, expected[0][:, :3]) and torch.equal(complement, expected[0][:, 3:]) and torch.equal(s, expected[1][:3])
+    u, s, vh, complement = leading_subspace(low_rank, 3)  # σ_3 at rounding level: from gesdd, of Aᵀ = V S Uᵀ
+    _, expected_s, expected_uh = torch.linalg.svd(low_rank.T, full_matrices=False)
+    assert torch.equal(u, expected_uh[:3].T) and torch.equal(complement, expected_uh[3:].T) and torch.equal(s, expected_s[:3])
 
 
 def test_tsv_of_more_tasks_than_the_rank_is_zero():

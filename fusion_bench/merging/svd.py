@@ -39,23 +39,24 @@ def top_singular_triplets(matrices: Tensor, rank: int) -> tuple[Tensor, Tensor, 
     count, rows, cols = oriented.shape
     left, singular, right = matrices.new_empty(count, rows, rank), matrices.new_empty(count, rank), matrices.new_empty(count, cols, rank)
     for index, matrix in enumerate(oriented):  # one matrix in float64 at a time, not the stack
-        left[index], singular[index], right[index] = _top_triplets_of_tall(matrix, rank)
+        left[index], singular[index], right[index], _ = _top_triplets_of_tall(matrix, rank)
     if wide:  # oriented = Aᵀ = left · S · rightᵀ, so A's U is right and its Vᴴ is leftᵀ
         return right, singular, left.mT
     return left, singular, right.mT
 
 
-def _top_triplets_of_tall(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
-    """U [m, r], S [r], V [n, r] of an m ≥ n matrix, from its float64 Gram matrix where σ_r allows."""
+def _top_triplets_of_tall(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """U [m, r], S [r], V [n, r] of an m ≥ n matrix, from its float64 Gram matrix where σ_r allows,
+    and the rest of its right singular basis, [n, n − r]."""
     matrix64 = matrix.double()
     eigenvalues, eigenvectors = torch.linalg.eigh(matrix64.T @ matrix64)  # ascending
     values = eigenvalues.flip(0)[:rank]
     if not (rank and values[-1] > MIN_EIGENVALUE_RATIO * values[0]):
         u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank].T
-    right = eigenvectors.flip(1)[:, :rank]
+        return u[:, :rank], s[:rank], vh[:rank].T, vh[rank:].T
+    right = eigenvectors.flip(1)
     singular = values.sqrt()
-    return (matrix64 @ right) / singular, singular, right
+    return (matrix64 @ right[:, :rank]) / singular, singular, right[:, :rank], right[:, rank:]
 
 
 def leading_subspace(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
@@ -65,13 +66,6 @@ def leading_subspace(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor,
     if rows > cols:
         u, s, vh = top_singular_triplets(matrix.unsqueeze(0), rank)
         return u[0], s[0], vh[0], None
-    matrix64 = matrix.double()
-    eigenvalues, eigenvectors = torch.linalg.eigh(matrix64 @ matrix64.T)  # ascending: U, last first
-    values = eigenvalues.flip(0)[:rank]
-    if not (rank and values[-1] > MIN_EIGENVALUE_RATIO * values[0]):
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        return u[:, :rank], s[:rank], vh[:rank], u[:, rank:]
-    left = eigenvectors.flip(1)
-    singular = values.sqrt()
-    right_h = (left[:, :rank].T @ matrix64) / singular.unsqueeze(1)
-    return (left[:, :rank].to(matrix.dtype), singular.to(matrix.dtype), right_h.to(matrix.dtype), left[:, rank:].to(matrix.dtype))
+    # Aᵀ = V S Uᵀ is tall or square, and its right singular basis, all of it, is A's left one
+    v, s, u, u_rest = (piece.to(matrix.dtype) for piece in _top_triplets_of_tall(matrix.T, rank))
+    return u, s, v.T, u_rest
