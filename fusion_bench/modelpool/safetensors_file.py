@@ -8,6 +8,7 @@ from the file instead, chunk by chunk (fusion_bench.utils.file_backed).
 """
 
 import ctypes
+import functools
 import json
 import mmap
 import os
@@ -87,22 +88,18 @@ class SafetensorsFile:
         mapped = mmap.mmap(self._file().fileno(), end - page_start, offset=page_start, access=mmap.ACCESS_COPY)
         data = torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin - page_start)
         tensor = data.view(self.dtype(key)).reshape(self.shape(key))
-        file_backed.register(tensor, _FileRange(self, key, begin, tensor.element_size()))
+        file_backed.register(tensor, functools.partial(self._read_entries, key, begin))
         return tensor
 
-
-class _FileRange:
-    """Reads a tensor's entries from its file into a buffer (fusion_bench.utils.file_backed)."""
-
-    def __init__(self, file: SafetensorsFile, key: str, begin: int, itemsize: int):
-        self.file, self.key, self.begin, self.itemsize = file, key, begin, itemsize
-
-    def __call__(self, start: int, out: Tensor) -> None:
-        size = out.numel() * self.itemsize
+    def _read_entries(self, key: str, begin: int, start: int, out: Tensor) -> None:
+        """Fill `out` (the tensor's dtype) with tensor `key`'s flat entries from `start` on, read
+        from the file (`begin`: where the tensor's bytes start); fusion_bench.utils.file_backed."""
+        size = out.numel() * out.element_size()
         buffer = memoryview((ctypes.c_char * size).from_address(out.data_ptr())).cast("B")
-        offset, descriptor = self.begin + start * self.itemsize, self.file._file().fileno()
+        offset, descriptor = begin + start * out.element_size(), self._file().fileno()
         while buffer:
             count = os.preadv(descriptor, [buffer], offset)
             if count == 0:
-                raise InputError(f"{self.file.path} is truncated: tensor {self.key!r} is incomplete")
+                raise InputError(f"{self.path} is truncated: tensor {key!r} is incomplete")
             buffer, offset = buffer[count:], offset + count
+
