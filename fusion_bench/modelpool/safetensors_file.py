@@ -102,4 +102,3 @@ class SafetensorsFile:
             if count == 0:
                 raise InputError(f"{self.path} is truncated: tensor {key!r} is incomplete")
             buffer, offset = buffer[count:], offset + count
-
