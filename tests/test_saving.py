@@ -34,7 +34,7 @@ def die():
 point = sys.argv.pop(1)
 if point == "writing":  # half of the new model written: its config, not its weights
     def save_model(self, model, path, **kwargs):
-        model.config.save_pretrained(path)
+        open(os.path.join(path, "config.json"), "w").write("{}")
         die()
     BaseModelPool.save_model = save_model
 elif point == "before-swap":  # the new model complete beside the old one

@@ -126,13 +126,17 @@ def _check_matches(name: str, state_dict: LazyStateDict, reference_name: str, re
             raise InputError(f"model {name!r} has {key!r}, which model {reference_name!r} lacks; are they the same architecture?")
 
 
-def output_model(pool: BaseModelPool, name: str, keys: Sequence[str]) -> nn.Module:
+def output_model(pool: BaseModelPool, name: str, keys: Sequence[str], *, runs: bool = False) -> nn.Module:
     """A copy of model `name` to write the merge into, with fresh memory for the merged tensors.
 
     transformers maps checkpoint files into memory, so writing into a loaded model first copies
     each page from the file; fresh memory skips that copy (and the merge overwrites it all anyway).
+    Where nothing will run the result (pool.merged_model_runs is false, and the method does not
+    run it either: `runs`), the copy is the pool's unbuilt_copy if it has one.
     """
-    model = pool.load_model_copy(name)
+    model = None if runs or pool.merged_model_runs else pool.unbuilt_copy(name)
+    if model is None:
+        model = pool.load_model_copy(name)
     for key in keys:
         module_name, _, attribute = key.rpartition(".")
         module = model.get_submodule(module_name)

@@ -104,7 +104,7 @@ class RegMeanAlgorithmPlusPlus(RegMeanAlgorithm):
         tasks = pool.model_names
         keys = [key for key in inputs.keys if key not in excluded]
         merge_keys = set(keys)
-        merged = output_model(pool, PRETRAINED, keys).to(device).eval()
+        merged = output_model(pool, PRETRAINED, keys, runs=True).to(device).eval()
         layers_name, layers = model_layers(merged)
         target = merged.state_dict()
         in_layers = f"{layers_name}."

@@ -92,10 +92,20 @@ class BaseModelPool:
             "config with `_target_`, or use a pool that loads paths (e.g. fusion_bench.modelpool.AutoModelPool)"
         )
 
+    # False where nothing will run the merged model: the program sets it when no task pool scores
+    # the merge. Methods may then merge into unbuilt_copy(), which skips building the model class.
+    merged_model_runs = True
+
     def load_model_copy(self, name: str) -> nn.Module:
         """A model the caller may overwrite: instances are deep-copied, others loaded afresh."""
         model = self.load_model(name)
         return copy.deepcopy(model) if model is self._models.get(name) else model
+
+    def unbuilt_copy(self, name: str) -> nn.Module | None:
+        """Model `name`'s state dict as a module the caller may overwrite and save, without
+        building the model's class (fusion_bench.models.unbuilt_model); None where the pool
+        cannot make one that equals the loaded model, as here by default."""
+        return None
 
     def state_dict(self, name: str) -> LazyStateDict:
         """The model's tensors by name; file-backed pools read them one at a time."""

@@ -15,10 +15,12 @@ from safetensors import SafetensorError
 from torch import nn
 
 from fusion_bench.modelpool.base import PRETRAINED, BaseModelPool
-from fusion_bench.modelpool.checkpoint_keys import checkpoint_key_map, tied_names, unique_state_dict_keys
+from fusion_bench.modelpool.checkpoint_keys import unique_state_dict_keys
+from fusion_bench.modelpool.checkpoint_layout import CheckpointLayout, cached_layout
 from fusion_bench.modelpool.lazy_state_dict import LazyStateDict, SafetensorsStateDict
 from fusion_bench.modelpool.safetensors_file import SafetensorsFile
 from fusion_bench.modelpool.torch_file import TORCH_SUFFIXES, TorchStateDictFile, weights_only_refusal
+from fusion_bench.models.unbuilt_model import UnbuiltModel
 from fusion_bench.utils.errors import InputError, first_line
 from fusion_bench.utils.instantiation import plain
 
@@ -121,14 +123,43 @@ class AutoModelPool(BaseModelPool):
             return self._bare_state_dict(name, path)
         with _named_load_errors(name, path):
             files = _folder_safetensors(path)
-        lazy = self._lazy_state_dict(files, self._meta_model(path, name)) if files else None
+        lazy = self._lazy_state_dict(files, self._layout(path, files, name)) if files else None
         return lazy if lazy is not None else super().state_dict(name)  # from_pretrained knows how
+
+    def unbuilt_copy(self, name: str) -> UnbuiltModel | None:
+        """Model `name`'s tensors as from_pretrained would load them, without its class: where
+        `name` is a folder of safetensors files that hold the architecture's tensors and nothing
+        else, all floating-point ones in the dtype its config gives (or in one dtype, with none
+        given), so that loading converts, casts, quantises, initialises and drops nothing."""
+        spec = self.model_spec(name)
+        if not isinstance(spec, str) or self.from_pretrained_kwargs():
+            return None
+        folder = self.model_path(name)
+        files = _folder_safetensors(folder) if folder.is_dir() else []
+        if not files:
+            return None
+        layout = self._layout(folder, files, name)
+        if not layout.exact or layout.keeps_float32:
+            return None
+        with _named_load_errors(name, folder):
+            config = json.loads((folder / "config.json").read_text())
+        state_dict = self._lazy_state_dict(files, layout)
+        dtypes = {str(state_dict.dtype(key)).removeprefix("torch.") for key in state_dict if state_dict.dtype(key).is_floating_point}
+        if "quantization_config" in config or len(dtypes) > 1 or config.get("dtype", config.get("torch_dtype")) not in (None, *dtypes):
+            return None
+        return UnbuiltModel(
+            {key: state_dict[key] for key in state_dict},
+            {key: state_dict.aliases(key) for key in state_dict},
+            set(layout.buffers),
+            layout.key_map,
+            folder,
+        )
 
     def _bare_state_dict(self, name: str, path: Path) -> LazyStateDict:
         """The tensors of a state-dict file, under the names of `_pretrained_`'s architecture."""
-        architecture = self._meta_model(self._pretrained_folder(name, path))
+        folder = self._pretrained_folder(name, path)
         file = SafetensorsFile(path) if path.suffix == ".safetensors" else TorchStateDictFile(path)
-        lazy = self._lazy_state_dict([file], architecture)
+        lazy = self._lazy_state_dict([file], self._layout(folder, [file], PRETRAINED))
         if lazy is None:
             raise InputError(
                 f"model {name!r}: {path} cannot be read as a bare state dict, as loading this architecture "
@@ -148,17 +179,24 @@ class AutoModelPool(BaseModelPool):
             raise InputError(f"model {PRETRAINED!r} is a bare state dict ({folder}), which has no architecture; give it as a Hugging Face model folder or hub id")
         return folder
 
-    def _lazy_state_dict(self, files: Sequence[SafetensorsFile | TorchStateDictFile], architecture: nn.Module) -> SafetensorsStateDict | None:
+    def _lazy_state_dict(self, files: Sequence[SafetensorsFile | TorchStateDictFile], layout: CheckpointLayout) -> SafetensorsStateDict | None:
         """The files' tensors under the architecture's names; None when loading transforms
         tensors (only from_pretrained knows how)."""
-        file_keys = [key for file in files for key in file.keys()]
-        key_map = checkpoint_key_map(architecture, file_keys)
+        key_map = layout.key_map
         if key_map is None:
             return None
-        loaded = _loaded_ties(tied_names(architecture), key_map, SafetensorsStateDict(files, key_map))
+        loaded = _loaded_ties(layout.ties, key_map, SafetensorsStateDict(files, key_map))
         return SafetensorsStateDict(
             files, {key: key_map[source] for key, (source, _) in loaded.items()}, {key: names for key, (_, names) in loaded.items()}
         )
+
+    def _layout(self, folder: Path, files: Sequence[SafetensorsFile | TorchStateDictFile], name: str) -> CheckpointLayout:
+        """How model_class reads `files` with the config.json of `folder` (model `name`, for errors)."""
+        _require_config(name, folder)
+        with _named_load_errors(name, folder):
+            config_text = (folder / "config.json").read_text()
+        file_keys = [key for file in files for key in file.keys()]
+        return cached_layout(self.model_class_name, config_text, file_keys, lambda: self._meta_model(folder, name))
 
     def _meta_model(self, folder: Path, name: str = PRETRAINED) -> nn.Module:
         """The architecture of the model in `folder` (model `name`, for errors), without weights

@@ -128,6 +128,8 @@ class FusionProgram:
             check_free_space(save_target, copies * _model_bytes(modelpool))
 
         start = time.perf_counter()
+        # A merge that nothing runs (only saved, or counted) need not build the model's class
+        modelpool.merged_model_runs = taskpool is not None and getattr(taskpool, "runs_models", True)
         method.on_run_start()
         merged = method.run(modelpool)
         method.on_run_end()

@@ -25,10 +25,13 @@ class BaseTaskPool:
     creates (and imports) one for pools that do.
     shards_across_processes: whether evaluation on several processes (fabric.devices=N) gives each
         process a share of the batches and adds up the results (fusion_bench.taskpool.sharding).
+    runs_models: false for a pool that never runs the model (it only counts parameters): the
+        merge then need not build the model's class.
     """
 
     uses_fabric = False
     shards_across_processes = False
+    runs_models = True
 
     def __init__(self, **kwargs: Any):
         refuse_unknown_keys(self, kwargs, "taskpool")

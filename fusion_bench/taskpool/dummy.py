@@ -19,6 +19,8 @@ class DummyTaskPool(BaseTaskPool):
         never replaces files it did not write.
     """
 
+    runs_models = False
+
     def __init__(self, model_save_path: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         if model_save_path is not None:
