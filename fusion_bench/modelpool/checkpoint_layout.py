@@ -23,7 +23,7 @@ from fusion_bench.utils.cache import cache_dir, fingerprint, write_atomically
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1  # of the cached JSON: bump it when the fields change
+_FORMAT = 1  # of the cached JSON: bump it when its fields, or how layout_of computes them, change
 
 
 @dataclass(frozen=True)
