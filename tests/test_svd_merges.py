@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from fusion_bench.merging.isotropic import iso_c_merge, iso_cts_dimensions, iso_cts_merge
-from fusion_bench.merging.svd import leading_subspace, thin_svd, top_singular_triplets
-from fusion_bench.merging.task_singular_vectors import polar_factor, task_singular_vectors, tsv_merge
+from fusion_bench.merging.svd import leading_subspace, polar_decomposition, polar_factor, thin_svd, top_singular_triplets
+from fusion_bench.merging.task_singular_vectors import task_singular_vectors, tsv_merge
 from fusion_bench.method import (
     ISO_C_Merge,
     ISO_CTS_Merge,
@@ -181,11 +181,11 @@ def test_tsv_matches_oracle_and_its_pieces_sum_to_the_merge(shape):
         assert close(factors.of_task(task), piece)
 
 
-@pytest.mark.parametrize("shape", [(3, 30, 12), (3, 12, 30), (2, 16, 16)], ids=str)
-def test_top_singular_triplets_and_thin_svd_match_a_float64_svd(shape):
+# a rank up to a sixth of n comes from syevr's top eigenpairs, a larger one from all of them
+@pytest.mark.parametrize("shape, rank", [((3, 30, 12), 4), ((3, 12, 30), 4), ((2, 16, 16), 5), ((2, 40, 24), 3), ((2, 24, 40), 4)], ids=str)
+def test_top_singular_triplets_and_thin_svd_match_a_float64_svd(shape, rank):
     matrices = random_task_vectors(*shape, seed=sum(shape) + 3)
     expected_u, expected_s, expected_vh = torch.linalg.svd(matrices.double(), full_matrices=False)
-    rank = min(shape[1:]) // 3
     u, s, vh = top_singular_triplets(matrices, rank)
     assert u.dtype == s.dtype == vh.dtype == torch.float32
     assert (u.shape, s.shape, vh.shape) == ((shape[0], shape[1], rank), (shape[0], rank), (shape[0], rank, shape[2]))
@@ -239,13 +239,21 @@ def test_tsv_of_more_tasks_than_the_rank_is_zero():
 
 
 def test_polar_factor_is_orthonormal_and_matches_the_oracle():
-    tall = torch.randn(11, 4, generator=torch.Generator().manual_seed(2))
-    for matrix in (tall, tall.T):
-        polar = polar_factor(matrix)
+    """Of an [11, 4] matrix (and its transpose) from the float64 Gram matrix, of a [5, 4] one, and
+    of a rank-deficient [12, 4] one (σ_min at rounding level) from gesdd."""
+    generator = torch.Generator().manual_seed(2)
+    tall, near_square = torch.randn(11, 4, generator=generator), torch.randn(5, 4, generator=generator)
+    rank_deficient = torch.randn(12, 3, generator=generator) @ torch.randn(3, 4, generator=generator)
+    for matrix in (tall, tall.T, near_square, near_square.T):
+        polar, singular = polar_decomposition(matrix)
+        assert torch.equal(polar, polar_factor(matrix))
         small = min(matrix.shape)
         gram = polar.T @ polar if matrix.shape[0] > matrix.shape[1] else polar @ polar.T
         assert (gram - torch.eye(small)).abs().max() < 1e-5
         assert close(polar, oracle_polar(matrix.double()))
+        assert torch.allclose(singular.sort().values.double(), torch.linalg.svdvals(matrix.double()).sort().values, rtol=1e-6)
+    expected_u, _, expected_vh = torch.linalg.svd(rank_deficient, full_matrices=False)
+    assert torch.equal(polar_factor(rank_deficient), expected_u @ expected_vh)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)

@@ -17,14 +17,13 @@ the k = c + T·d directions together and flatten their spectrum:
 import torch
 from torch import Tensor
 
-from fusion_bench.merging.svd import leading_subspace, thin_svd, top_singular_triplets
-from fusion_bench.merging.task_singular_vectors import polar_factor
+from fusion_bench.merging.svd import leading_subspace, polar_decomposition, polar_factor, top_singular_triplets
 
 
 def iso_c_merge(task_vectors: Tensor) -> Tensor:
     """Δ = σ̄ UVᵀ for Σ_t τ_t = UΣVᵀ; task_vectors is [T, m, n]."""
-    u, s, vh = thin_svd(task_vectors.sum(dim=0))
-    return s.mean() * (u @ vh)
+    polar, singular = polar_decomposition(task_vectors.sum(dim=0))
+    return singular.mean() * polar
 
 
 def iso_cts_dimensions(rank: int, n_tasks: int, common_space_fraction: float) -> tuple[int, int]:

@@ -19,14 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fusion_bench.merging.svd import thin_svd, top_singular_triplets
-
-
-def polar_factor(matrix: Tensor) -> Tensor:
-    """The orthogonal polar factor PQᵀ of matrix = PΣQᵀ (thin SVD): orthonormal columns (rows, if
-    wide), and the closest such matrix to `matrix` in Frobenius norm."""
-    left, _, right_h = thin_svd(matrix)
-    return left @ right_h
+from fusion_bench.merging.svd import polar_factor, top_singular_triplets
 
 
 def rank_per_task(shape: torch.Size | tuple[int, ...], n_tasks: int) -> int:
