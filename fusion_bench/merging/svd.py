@@ -12,8 +12,8 @@ results as torch.linalg.svd up to float32 rounding and the sign of each pair of 
   10⁻⁷); a matrix whose σ_r does not (a low-rank task vector) is decomposed by gesdd instead.
   Where r is a small part of the rank (r ≤ n/6: TSV-M of 8 tasks keeps n/8, Iso-CTS far less),
   only the top r eigenpairs are computed, by LAPACK's syevr (MRRR, through scipy), not all n:
-  0.043 s instead of torch.linalg.eigh's 0.059 s for r = 96 of n = 768. Past n/6 computing the
-  subset costs more than all of them.
+  0.053 s on one thread instead of torch.linalg.eigh's 0.075 s on two for r = 96 of n = 768, in
+  a TSV-M merge of 8 × ViT-B/32 here. Past n/6 computing the subset costs more than all of them.
 - polar_decomposition: the orthogonal polar factor PQᵀ of A = PΣQᵀ, and Σ. Of a matrix at least
   twice as long as it is wide, from the float64 Gram matrix, A·(AᵀA)^(-1/2): 0.16 s instead of
   gesdd's 0.23 s on a [3072, 768] one, and 100× closer to a float64 SVD's (4e-9, not 3e-7), as
@@ -103,8 +103,8 @@ def _gram_eigenpairs(matrix64: Tensor, first: int) -> tuple[Tensor, Tensor]:
     if not first:
         values, vectors = torch.linalg.eigh(gram)
     else:
-        # one thread: scipy's OpenBLAS leaves its threads spinning after each call, where they take
-        # the cores from torch's, which made the whole TSV-M merge 20 % slower than this
+        # one thread: scipy's OpenBLAS leaves its threads spinning after each call, on the cores
+        # torch's threads need next, which made the whole TSV-M merge about 15 % slower than this
         with _blas_threads().limit(limits=1, user_api="blas"):
             values, vectors = map(torch.from_numpy, scipy.linalg.eigh(gram.numpy(), subset_by_index=(first, gram.shape[0] - 1), driver="evr", overwrite_a=True, check_finite=False))
     return values.flip(0), vectors.flip(1)  # eigh's are ascending
