@@ -11,7 +11,7 @@ the k = c + T·d directions together and flatten their spectrum:
     U_c, σ_c, V_c = top c of svd(Σ_t τ_t)
     τ_t − U_c U_cᵀ τ_t = U_t S_t V_tᵀ                 (each task, outside the common subspace)
     U = [U_1[:, :d] … U_T[:, :d]  U_c],  V likewise,  σ = [S_1[:d] … S_T[:d]  σ_c]
-    Δ = mean(σ) · polar(U) polar(V)ᵀ                   (polar: see task_singular_vectors)
+    Δ = mean(σ) · polar(U) polar(V)ᵀ                   (polar: see svd.polar_decomposition)
 """
 
 import torch

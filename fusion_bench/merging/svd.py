@@ -53,8 +53,8 @@ def polar_decomposition(matrix: Tensor) -> tuple[Tensor, Tensor]:
     tall = matrix.T if wide else matrix
     if tall.shape[0] >= 2 * tall.shape[1]:
         tall64 = tall.double()
-        values, vectors = torch.linalg.eigh(tall64.T @ tall64)  # ascending
-        if values[0] > MIN_EIGENVALUE_RATIO * values[-1]:
+        values, vectors = _gram_eigenpairs(tall64, 0)  # descending
+        if values[-1] > MIN_EIGENVALUE_RATIO * values[0]:
             polar = (tall64 @ ((vectors * values.rsqrt()) @ vectors.T)).to(matrix.dtype)
             return polar.T if wide else polar, values.sqrt().to(matrix.dtype)
     left, singular, right_h = thin_svd(matrix)
