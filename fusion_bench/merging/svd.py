@@ -99,7 +99,7 @@ def _top_gram_eigenpairs(talls: Tensor, rank: int) -> list[tuple[Tensor, Tensor]
         for start in range(0, len(talls), workers):
             grams = [_gram(tall.double()).numpy() for tall in talls[start : start + workers]]
             for values, vectors in threads.map(lambda gram: top_eigenpairs(gram, rank), grams):
-                eigenpairs.append((torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)))  # syevr's ascend
+                eigenpairs.append((torch.from_numpy(values).flip(0), torch.from_numpy(vectors).flip(1)))  # syevr's come ascending
     return eigenpairs
 
 
